@@ -1,0 +1,87 @@
+"""Shared fixtures: one random checkpoint in the real SD1.5 layout per test session.
+
+Set `SDLAB_TEST_CACHE=/some/dir` to keep the random files between runs (they are rebuilt when
+missing); by default they live in pytest's temporary directory and are rebuilt each session.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from reference import diffusers_conversions, empty_reference_models, random_sd15_state_dict  # noqa: E402
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def sd15_dir(tmp_path_factory) -> Path:
+    cache = os.environ.get("SDLAB_TEST_CACHE")
+    directory = Path(cache) if cache else tmp_path_factory.mktemp("sd15")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def sd15_file(sd15_dir) -> Path:
+    """The random SD1.5-layout checkpoint as float32 `.safetensors` (4.3 GB)."""
+    from safetensors.torch import save_file
+
+    path = sd15_dir / "random-v1-5.safetensors"
+    if not path.exists():
+        state = random_sd15_state_dict(seed=0)
+        save_file(state, str(path) + ".part")
+        os.replace(str(path) + ".part", path)
+        del state
+        gc.collect()
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd15_variants(sd15_file, sd15_dir) -> dict[str, Path]:
+    """The same weights as `.ckpt` (under `state_dict`, with the EMA scalars) and as fp16 `.safetensors`."""
+    from safetensors.torch import load_file, save_file
+
+    paths = {"safetensors": sd15_file, "ckpt": sd15_dir / "random-v1-5.ckpt", "fp16": sd15_dir / "random-v1-5-fp16.safetensors"}
+    if not (paths["ckpt"].exists() and paths["fp16"].exists()):
+        state = load_file(str(sd15_file))
+        half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        save_file(half, str(paths["fp16"]))
+        del half
+        state["model_ema.decay"] = torch.tensor(0.9999)
+        state["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
+        torch.save({"state_dict": state, "global_step": 840000}, paths["ckpt"])
+        del state
+        gc.collect()
+    return paths
+
+
+@pytest.fixture(scope="session")
+def sdlab_models(sd15_file):
+    """sdlab's four models, loaded from the random file by sdlab's own loader."""
+    from sdlab import model_loader
+
+    return model_loader.preload_models_from_standard_weights(sd15_file, "cpu")
+
+
+@pytest.fixture(scope="session")
+def reference(sd15_file):
+    """transformers' CLIP and diffusers' U-Net and VAE, loaded through diffusers' single-file converters."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(sd15_file))
+    clip, unet, vae = empty_reference_models()
+    for model, converted in zip((clip, unet, vae), diffusers_conversions(state, unet, vae)):
+        converted.pop("embeddings.position_ids", None)  # a constant buffer, not a weight
+        missing, unexpected = model.load_state_dict(converted, strict=False)
+        assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    del state
+    gc.collect()
+    return {"clip": clip, "unet": unet, "vae": vae}
