@@ -16,6 +16,7 @@ thousand literal lines, the mapping is a short list of rules per model, each a p
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -116,6 +117,7 @@ MODELS = tuple(RULES)
 _CHUNK = re.compile(r"\[(\d)\]\.")
 
 
+@functools.lru_cache(maxsize=None)
 def _compile(pattern: str) -> tuple[re.Pattern, str]:
     """A rule pattern as a regex (`{}` captures a number) and as a replacement template."""
     anchored = pattern.startswith("^")
@@ -222,10 +224,13 @@ def to_standard(models: dict) -> dict:
 
 def load_from_standard_weights(input_file, device="cpu") -> dict:
     """The seed's entry point: `{"clip", "encoder", "decoder", "diffusion"}` -> state dicts."""
-    from .model_loader import read_checkpoint
+    from .model_loader import build_models, detect_config, read_checkpoint
 
-    state_dict, _ = read_checkpoint(input_file)
-    models, _, unknown = convert(state_dict)
+    state_dict, metadata = read_checkpoint(input_file)
+    with torch.device("meta"):
+        models = build_models(detect_config(state_dict, metadata))
+    expected = {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in models.items()}
+    converted, _, unknown = convert(state_dict, expected)
     if unknown:
         raise ValueError(f"{len(unknown)} keys belong to no Stable Diffusion v1 model, e.g. {unknown[:5]}")
-    return {name: {k: v.to(device) for k, v in tensors.items()} for name, tensors in models.items()}
+    return {name: {k: v.to(device) for k, v in tensors.items()} for name, tensors in converted.items()}

@@ -14,6 +14,7 @@ is an error that names the keys.
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -36,8 +37,12 @@ class CheckpointError(ValueError):
     """The file is not a checkpoint sdlab can load; the message says what was found."""
 
 
-def read_checkpoint(path) -> tuple[dict, dict]:
-    """Read a `.safetensors` or `.ckpt` file -> (flat state dict, metadata). Never unpickles code."""
+def read_checkpoint(path, cast=None) -> tuple[dict, dict]:
+    """Read a `.safetensors` or `.ckpt` file -> (flat state dict, metadata). Never unpickles code.
+
+    `cast(tensor) -> tensor` is applied to each tensor as it is read (e.g. float16 -> float32), so
+    that a converted copy never sits beside the whole original in memory.
+    """
     path = Path(os.fspath(path)).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -46,33 +51,57 @@ def read_checkpoint(path) -> tuple[dict, dict]:
         )
     if path.is_dir():
         raise CheckpointError(f"{str(path)!r} is a directory; pass the checkpoint file inside it")
+    cast = cast or (lambda tensor: tensor)
+    if zipfile.is_zipfile(path):
+        return _read_torch(path, cast)
+    return _read_safetensors(path, cast)
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _read_safetensors(path: Path, cast) -> tuple[dict, dict]:
+    """The safetensors format: an 8-byte header length, a JSON header, then the raw tensor bytes.
+
+    Each tensor is read straight into its own buffer (no pickle, no memory map kept alive).
+    """
+    size = path.stat().st_size
+    not_checkpoint = (f"{str(path)!r} is neither a .safetensors file nor a PyTorch .ckpt (zip) file; it may be "
+                      f"truncated, a web page saved instead of the download, or another format")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if path.suffix == ".safetensors" or (len(head) == 8 and not head.startswith(b"PK")):
-        return _read_safetensors(path)
-    return _read_torch(path)
+        header_size = int.from_bytes(f.read(8), "little")
+        if not 2 <= header_size <= min(size - 8, 100 << 20):
+            raise CheckpointError(not_checkpoint)
+        try:
+            header = json.loads(f.read(header_size))
+            metadata = header.pop("__metadata__", None) or {}
+            entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+            needed = 8 + header_size + max((info["data_offsets"][1] for _, info in entries), default=0)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(not_checkpoint) from None
+        if needed > size:
+            raise CheckpointError(
+                f"{str(path)!r} is truncated: its header describes {needed:,} bytes but the file has {size:,}; "
+                f"download it again"
+            )
+        tensors = {}
+        for key, info in entries:
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"tensor {key!r} in {str(path)!r} has unsupported dtype {info['dtype']}")
+            tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            begin, end = info["data_offsets"]
+            if end - begin != tensor.numel() * tensor.element_size():
+                raise CheckpointError(f"tensor {key!r} in {str(path)!r} has {end - begin} bytes for shape {info['shape']}")
+            f.seek(8 + header_size + begin)
+            f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+            tensors[key] = cast(tensor)
+    return tensors, metadata
 
 
-def _read_safetensors(path: Path) -> tuple[dict, dict]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            return {key: f.get_tensor(key) for key in f.keys()}, metadata
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise CheckpointError(
-            f"{str(path)!r} is not a readable .safetensors file ({error}); it may be truncated or "
-            f"another kind of file — download it again or pass a .ckpt/.safetensors checkpoint"
-        ) from None
-
-
-def _read_torch(path: Path) -> tuple[dict, dict]:
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{str(path)!r} is neither a .safetensors file nor a PyTorch .ckpt (zip) file; it may be "
-            f"truncated, a web page saved instead of the download, or another format"
-        )
+def _read_torch(path: Path, cast) -> tuple[dict, dict]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # zip errors, unpickling refused, truncated storages
@@ -88,7 +117,7 @@ def _read_torch(path: Path) -> tuple[dict, dict]:
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{str(path)!r} holds a {type(data).__name__}, not a dictionary of tensors")
-    return data, metadata
+    return {key: cast(data.pop(key)) for key in list(data)}, metadata
 
 
 def detect_config(state_dict: dict, metadata: dict) -> SDConfig:
@@ -156,11 +185,20 @@ def load_state_dict(state_dict: dict, config: SDConfig, device="cpu", dtype=None
     for name, model in models.items():
         tensors = converted[name]
         for key, tensor in tensors.items():
-            target = dtype or (torch.float32 if tensor.dtype == torch.float16 and torch.device(device).type == "cpu" else tensor.dtype)
-            tensors[key] = tensor.to(device=device, dtype=target)
+            tensors[key] = tensor.to(device=device, dtype=target_dtype(tensor.dtype, device, dtype))
         model.load_state_dict(tensors, strict=True, assign=True)
         model.eval().requires_grad_(False)
     return models
+
+
+def target_dtype(stored: torch.dtype, device, dtype=None) -> torch.dtype:
+    """The dtype a stored tensor is loaded as: `dtype` if given (floating tensors only), else the
+    stored one, except float16 on the CPU, which becomes float32 (half precision is slow there)."""
+    if not stored.is_floating_point:
+        return stored
+    if dtype is not None:
+        return dtype
+    return torch.float32 if stored == torch.float16 and torch.device(device).type == "cpu" else stored
 
 
 def _some(items, n: int = 5) -> str:
@@ -179,7 +217,7 @@ def preload_models_from_standard_weights(ckpt_path=None, device="cpu", dtype=Non
         if not DEFAULT_CHECKPOINT.exists():
             raise FileNotFoundError("sdlab's bundled tiny model is not installed; pass a checkpoint path")
         ckpt_path = DEFAULT_CHECKPOINT
-    state_dict, metadata = read_checkpoint(ckpt_path)
+    state_dict, metadata = read_checkpoint(ckpt_path, cast=lambda t: t.to(target_dtype(t.dtype, device, dtype)))
     config = detect_config(state_dict, metadata)
     return load_state_dict(state_dict, config, device=device, dtype=dtype, verbose=verbose)
 
