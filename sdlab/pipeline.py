@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .diffusion import get_time_embedding
-from .samplers import make_sampler, sampler_names
+from .samplers import make_sampler
 
 WIDTH = 512
 HEIGHT = 512
@@ -38,10 +38,14 @@ def rescale(x, old_range, new_range, clamp: bool = False):
     return x.clamp(new_min, new_max) if clamp else x
 
 
+def _open(image):
+    """A path is opened as a PIL image; anything else is returned as it is."""
+    return Image.open(image) if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__") else image
+
+
 def to_image_tensor(image, width: int, height: int) -> torch.Tensor:
     """A PIL image, HxWx3 uint8 array or file path -> (1, 3, height, width) float32 in [-1, 1]."""
-    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-        image = Image.open(image)
+    image = _open(image)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] not in (3, 4):
             raise ValueError(f"input_image must be an HxWx3 array; got shape {image.shape}")
@@ -63,8 +67,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def to_mask_tensor(mask, width: int, height: int) -> torch.Tensor:
     """A mask (white = repaint) -> (1, 1, height, width) float32 of 0s and 1s, binarized at 0.5."""
-    if isinstance(mask, (str, bytes)) or hasattr(mask, "__fspath__"):
-        mask = Image.open(mask)
+    mask = _open(mask)
     if isinstance(mask, np.ndarray):
         mask = Image.fromarray(mask.astype(np.uint8) if mask.dtype != np.uint8 else mask)
     if not isinstance(mask, Image.Image):
@@ -99,16 +102,14 @@ def encode_prompts(tokenizer, clip, prompts: list[str], device) -> torch.Tensor:
     return clip(torch.tensor(ids, dtype=torch.long, device=device))
 
 
-def check_arguments(prompt, strength, height, width, sampler_name, downscale: int) -> None:
+def check_arguments(prompt, strength, height, width, downscale: int) -> None:
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string; got {type(prompt).__name__}")
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1] (1 = ignore the input image entirely); got {strength}")
     for name, size in (("height", height), ("width", width)):
         if not isinstance(size, int) or size <= 0 or size % downscale:
-            raise ValueError(f"{name} must be a positive multiple of {downscale}; got {size} (try {max(downscale, round(size / downscale) * downscale) if isinstance(size, (int, float)) else 512})")
-    if sampler_name not in sampler_names():
-        raise ValueError(f"unknown sampler {sampler_name!r}; choose one of: {', '.join(sampler_names())}")
+            raise ValueError(f"{name} must be a positive multiple of {downscale} (e.g. 512); got {size!r}")
 
 
 @torch.no_grad()
@@ -157,7 +158,7 @@ def generate(
         raise ValueError(f"models is missing {sorted(missing)}; use preload_models_from_standard_weights(path)")
     clip, decoder, diffusion = models["clip"], models["decoder"], models["diffusion"]
     vae_config = decoder.config
-    check_arguments(prompt, strength, height, width, sampler_name, vae_config.downscale)
+    check_arguments(prompt, strength, height, width, vae_config.downscale)
     device = torch.device(device or next(diffusion.parameters()).device)
     to_idle = (lambda m: m.to(idle_device)) if idle_device else (lambda m: m)
     if tokenizer is None:
@@ -170,6 +171,8 @@ def generate(
         generator.seed()
     else:
         generator.manual_seed(seed)
+    sampler = make_sampler(sampler_name, generator)  # an unknown name fails here, listing the valid ones
+    sampler.set_inference_timesteps(n_inference_steps)
 
     # 1. Text -> context (B, 77, 768); with guidance the batch is [prompt, negative prompt].
     clip.to(device)
@@ -177,8 +180,6 @@ def generate(
     context = encode_prompts(tokenizer, clip, prompts, device)
     to_idle(clip)
 
-    sampler = make_sampler(sampler_name, generator)
-    sampler.set_inference_timesteps(n_inference_steps)
     latents_shape = (1, vae_config.latent_channels, height // vae_config.downscale, width // vae_config.downscale)
     if latents is not None and tuple(latents.shape) != latents_shape:
         raise ValueError(f"latents must have shape {latents_shape} for a {height}x{width} image; got {tuple(latents.shape)}")
