@@ -1,0 +1,147 @@
+"""The tiny Stable Diffusion shipped in `sdlab/data/tiny.safetensors`, and the code that trains it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sdlab import analyzer
+from sdlab.model_loader import DEFAULT_CHECKPOINT, build_models, preload_models_from_standard_weights, save_checkpoint
+from sdlab.pipeline import generate
+from sdlab.tokenizer import load_tokenizer
+from sdlab.train import (
+    TINY,
+    DDPMSampler,
+    diffusion_loss,
+    make_data,
+    train,
+    vae_loss,
+)
+
+# (prompt, seed) pairs of held-out combinations (red square, green triangle, blue circle,
+# circle top right, square bottom left, triangle center) that the shipped model draws correctly.
+FIXED = [
+    ("a large red square in the top left", 0),
+    ("a large green triangle at the bottom", 0),
+    ("a large blue circle on the left", 0),
+    ("a large yellow circle in the top right", 0),
+    ("a large white square in the bottom left", 1),
+    ("a large purple triangle in the center", 2),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and much faster on a busy machine (no oversubscription)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return preload_models_from_standard_weights()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def test_shipped_model_loads_through_the_public_loader(tiny):
+    assert DEFAULT_CHECKPOINT.exists()
+    assert DEFAULT_CHECKPOINT.stat().st_size <= 25 * 2**20
+    assert set(tiny) == {"clip", "encoder", "decoder", "diffusion"}
+    assert tiny["clip"].config.n_vocab == 49408 and tiny["clip"].config.n_token == 77
+    vae = tiny["decoder"].config
+    assert vae.downscale == 8 and vae.latent_channels == 4
+    assert vae.scale_factor != 1.0  # measured after VAE training
+    assert all(p.dtype == torch.float32 for m in tiny.values() for p in m.parameters())  # fp16 file, fp32 on CPU
+    report = json.loads((DEFAULT_CHECKPOINT.parent / "tiny_report.json").read_text())
+    assert report["heldout"][0]["sampler"] == "dpmpp_2m"
+
+
+@pytest.mark.parametrize("prompt,seed", FIXED)
+def test_fixed_heldout_prompts_are_followed(tiny, tokenizer, prompt, seed):
+    image = generate(prompt, models=tiny, seed=seed, height=64, width=64, sampler_name="dpmpp_2m",
+                     n_inference_steps=20, cfg_scale=5.0, tokenizer=tokenizer, progress=False)
+    assert image.shape == (64, 64, 3)
+    result = analyzer.score(prompt, image)
+    assert result["colour"] == result["shape"] == result["position"] == 1.0, (prompt, analyzer.describe(image), result)
+
+
+def test_generation_is_deterministic(tiny, tokenizer):
+    kwargs = dict(models=tiny, seed=3, height=64, width=64, sampler_name="dpmpp_2m", n_inference_steps=8,
+                  tokenizer=tokenizer, progress=False)
+    a = generate("a small purple square on the right", **kwargs)
+    b = generate("a small purple square on the right", **kwargs)
+    assert (a == b).all()
+
+
+def test_checkpoint_round_trips_through_the_loader(tiny, tmp_path):
+    path = tmp_path / "copy.safetensors"
+    save_checkpoint(tiny, path, type(TINY)(clip=tiny["clip"].config, vae=tiny["decoder"].config,
+                                           unet=tiny["diffusion"].config))
+    again = preload_models_from_standard_weights(path)
+    for name, model in tiny.items():
+        other = again[name].state_dict()
+        for key, tensor in model.state_dict().items():
+            assert torch.equal(tensor, other[key]), (name, key)
+    assert again["decoder"].config == tiny["decoder"].config
+
+
+def test_twenty_training_steps_reduce_the_losses():
+    torch.manual_seed(0)
+    models = build_models(TINY)
+    data = make_data(16, seed=5)
+    images, tokens = data["images"][:8], data["tokens"][:8]
+
+    # VAE: reconstruction + KL on a fixed batch.
+    encoder, decoder = models["encoder"], models["decoder"]
+    params = list(encoder.parameters()) + list(decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3)
+    noise = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(20):
+        loss, _, _ = vae_loss(encoder, decoder, images, noise, 1e-3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+    # Text encoder + U-Net: the DDPM noise-prediction loss at fixed timesteps and noise.
+    clip, diffusion = models["clip"], models["diffusion"]
+    params = list(clip.parameters()) + list(diffusion.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    latents = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    alphas_cumprod = DDPMSampler().alphas_cumprod
+    losses = []
+    for _ in range(20):
+        loss = diffusion_loss(clip, diffusion, latents, tokens, alphas_cumprod, torch.Generator().manual_seed(3))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_train_end_to_end_writes_a_loadable_checkpoint_and_resumes(tmp_path):
+    kwargs = dict(n_images=48, vae_steps=3, vae_batch=4, unet_steps=4, unet_batch=4, psnr_images=8,
+                  progress=False, log=lambda *a: None)
+    full = train(out=tmp_path / "a.safetensors", **kwargs)
+    assert full["summary"]["config"]["vae"]["scale_factor"] > 0
+    models = preload_models_from_standard_weights(tmp_path / "a.safetensors")
+    assert models["diffusion"].config == TINY.unet
+
+    state = tmp_path / "state.pt"
+    assert train(out=tmp_path / "b.safetensors", state_path=state, stop_after=5, **kwargs) is None  # mid U-Net
+    assert not (tmp_path / "b.safetensors").exists()
+    resumed = train(out=tmp_path / "b.safetensors", state_path=state, **kwargs)
+    for name, model in full["models"].items():
+        other = resumed["models"][name].state_dict()
+        for key, tensor in model.state_dict().items():
+            torch.testing.assert_close(tensor, other[key], rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
