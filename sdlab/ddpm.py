@@ -133,6 +133,12 @@ class Sampler:
             )
         self.num_inference_steps = int(num_inference_steps)
         self.all_timesteps, self.all_sigmas = self._schedule(self.num_inference_steps)
+        if self.all_timesteps.max() >= T:  # e.g. 1000 "leading" steps shifted by steps_offset=1
+            raise ValueError(
+                f"{num_inference_steps} steps with {self.timestep_spacing!r} spacing and steps_offset={self.steps_offset} "
+                f"would start at t={self.all_timesteps.max().item():g}, past the last training step {T - 1}; "
+                f"use fewer steps or timestep_spacing='linspace'"
+            )
         self.set_strength(1.0)
 
     def set_strength(self, strength: float = 1.0) -> None:

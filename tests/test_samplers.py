@@ -296,3 +296,10 @@ def test_timestep_not_in_schedule(name):
 def test_negative_eta():
     with pytest.raises(ValueError, match="eta must be >= 0"):
         make_sampler("ddim", None, eta=-0.1)
+
+
+def test_too_many_leading_steps_is_a_clear_error():
+    """1000 "leading" steps shifted by steps_offset=1 would need t=1000 (diffusers fails with an IndexError)."""
+    with pytest.raises(ValueError, match="past the last training step 999"):
+        make_sampler("ddpm", torch.Generator()).set_inference_timesteps(1000)
+    make_sampler("ddpm", torch.Generator(), timestep_spacing="linspace").set_inference_timesteps(1000)

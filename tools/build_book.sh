@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Build the book as CI does: vendor the JavaScript (npm), then render the stored notebook outputs
+# (no execution: _config.yml has execute_notebooks: off) with warnings as errors.
+#   bash tools/build_book.sh            -> book/_build/html
+# The notebooks themselves are (re)written and executed by tools/build_notebooks.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python tools/vendor_assets.py
+rm -rf book/_build  # Sphinx does not always re-copy changed static files on incremental builds
+jupyter-book build . -W -n --keep-going --path-output book
