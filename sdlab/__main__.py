@@ -3,6 +3,7 @@
     python -m sdlab generate "a red circle" [--ckpt v1-5-pruned-emaonly.safetensors] [options]
     python -m sdlab train ...        (the tiny model; see `python -m sdlab train --help`)
     python -m sdlab evaluate ...     (prompt following of the tiny model)
+    python -m sdlab bench --ckpt FILE [--quick]   (sdlab against diffusers, same weights)
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("train", "evaluate"):
         sub = commands.add_parser(name, help=f"{name} the tiny model", add_help=False)
         sub.add_argument("args", nargs=argparse.REMAINDER)
+    sub = commands.add_parser("bench", help="time sdlab against diffusers on the same weights", add_help=False)
+    sub.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -80,10 +83,18 @@ def generate_command(args) -> Path:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser sees every option, --help included
+        from . import bench
+
+        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             generate_command(args)
+        elif args.command == "bench":
+            from . import bench
+
+            return bench.main(args.args)
         else:
             from . import train
 

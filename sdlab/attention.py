@@ -14,6 +14,9 @@ The explicit formula is what the book teaches; PyTorch's fused
 `scaled_dot_product_attention` computes the same thing without materialising the
 $L \times L$ matrix and is the default. `attention_backend("math")` switches every module to the
 explicit formula, which is also what `store_attention` needs to keep the attention maps.
+`attention_backend("sliced", slice_size=n)` is the explicit formula over `n` queries at a time: the
+scores never take more than $n \times L$ per head, for low-memory runs on devices without a fused
+kernel. All three compute the same thing (tests/test_speed.py checks them against each other).
 """
 
 from __future__ import annotations
@@ -25,21 +28,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKENDS = ("sdpa", "math")
+BACKENDS = ("sdpa", "math", "sliced")
+DEFAULT_SLICE_SIZE = 1024
 _backend = "sdpa"
+_slice_size = DEFAULT_SLICE_SIZE
 
 
 @contextlib.contextmanager
-def attention_backend(name: str):
-    """Use `"sdpa"` (fused, the default) or `"math"` (the explicit formula) inside a `with` block."""
-    global _backend
+def attention_backend(name: str, slice_size: int | None = None):
+    """Use `"sdpa"` (fused, the default), `"math"` (the explicit formula) or `"sliced"` (the explicit
+    formula over `slice_size` queries at a time, default 1024) inside a `with` block."""
+    global _backend, _slice_size
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
-    previous, _backend = _backend, name
+    if slice_size is not None and (not isinstance(slice_size, int) or slice_size < 1):
+        raise ValueError(f"slice_size must be a positive integer; got {slice_size!r}")
+    previous = _backend, _slice_size
+    _backend, _slice_size = name, slice_size or DEFAULT_SLICE_SIZE
     try:
         yield
     finally:
-        _backend = previous
+        _backend, _slice_size = previous
 
 
 def scaled_dot_product(q, k, v, causal: bool = False, return_weights: bool = False):
@@ -50,12 +59,29 @@ def scaled_dot_product(q, k, v, causal: bool = False, return_weights: bool = Fal
     """
     if _backend == "sdpa" and not return_weights:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal), None
+    if _backend == "sliced" and not return_weights and q.shape[-2] > _slice_size:
+        return sliced_dot_product(q, k, v, causal, _slice_size), None
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
     if causal:
         mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(mask, float("-inf"))
     weights = scores.float().softmax(dim=-1).to(q.dtype)  # softmax in fp32, also under fp16
     return weights @ v, weights
+
+
+def sliced_dot_product(q, k, v, causal: bool = False, slice_size: int = DEFAULT_SLICE_SIZE) -> torch.Tensor:
+    """The explicit formula, `slice_size` queries at a time: the same result, with scores of at most
+    (B, H, slice_size, Lk) alive at once instead of (B, H, Lq, Lk)."""
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    scale = math.sqrt(q.shape[-1])
+    for start in range(0, q.shape[-2], slice_size):
+        stop = min(start + slice_size, q.shape[-2])
+        scores = q[..., start:stop, :] @ k.transpose(-1, -2) / scale  # (B, H, slice, Lk)
+        if causal:  # query i (absolute index start + i) sees keys <= start + i
+            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(start + 1)
+            scores = scores.masked_fill(mask, float("-inf"))
+        out[..., start:stop, :] = scores.float().softmax(dim=-1).to(q.dtype) @ v
+    return out
 
 
 class _MultiHead(nn.Module):

@@ -122,3 +122,53 @@ class VAE_Decoder(nn.Module):
         for stage in reversed(self.up):  # (B, 512, h, w) -> ... -> (B, 128, 8h, 8w)
             x = stage(x)
         return self.conv_out(F.silu(self.norm_out(x)))  # (B, 3, 8h, 8w)
+
+    def tiled_forward(self, latents: torch.Tensor, tile_size: int = 32, overlap: int = 8) -> torch.Tensor:
+        """Decode in overlapping latent tiles of `tile_size` (default 32 latent pixels = 256 image
+        pixels), blended linearly across the `overlap`: peak memory is that of one tile, whatever the
+        image size. Not identical to `forward` (each tile's group norms and attention see only that
+        tile), but close: tests/test_speed.py bounds the difference.
+        """
+        if not 0 <= overlap < tile_size:
+            raise ValueError(f"overlap must be in [0, tile_size); got overlap={overlap}, tile_size={tile_size}")
+        h, w = latents.shape[-2:]
+        if h <= tile_size and w <= tile_size:
+            return self(latents)
+        f = self.config.downscale
+        stride = tile_size - overlap
+
+        def starts(n):  # tile origins covering [0, n), the last one flush with the edge
+            if n <= tile_size:
+                return [0]
+            origins = list(range(0, n - tile_size, stride)) + [n - tile_size]
+            return sorted(set(origins))
+
+        def ramp(n, lead, trail):  # 1-D blending weights of one tile, in image pixels
+            weight = torch.ones(n, dtype=torch.float32)
+            for i in range(lead):
+                weight[i] = (i + 0.5) / lead
+            for i in range(trail):
+                weight[n - 1 - i] = min(weight[n - 1 - i].item(), (i + 0.5) / trail)
+            return weight
+
+        out = weights = None
+        rows, cols = starts(h), starts(w)
+        for r, (top, bottom) in zip(rows, _overlaps(rows, tile_size)):
+            for c, (left, right) in zip(cols, _overlaps(cols, tile_size)):
+                tile = self(latents[..., r : r + tile_size, c : c + tile_size])  # (B, 3, 8t, 8t)
+                th, tw = tile.shape[-2:]
+                if out is None:
+                    out = torch.zeros(*tile.shape[:2], h * f, w * f, dtype=torch.float32, device=tile.device)
+                    weights = torch.zeros(h * f, w * f, dtype=torch.float32, device=tile.device)
+                # Ramp only the sides shared with a neighbour, across exactly the shared pixels.
+                weight = ramp(th, top * f, bottom * f)[:, None] * ramp(tw, left * f, right * f)[None, :]
+                weight = weight.to(tile.device)
+                out[..., r * f : r * f + th, c * f : c * f + tw] += tile.float() * weight
+                weights[r * f : r * f + th, c * f : c * f + tw] += weight
+        return (out / weights).to(latents.dtype)
+
+
+def _overlaps(origins: list[int], tile_size: int) -> list[tuple[int, int]]:
+    """For each tile along one axis: how many latent pixels it shares with the previous and the next tile."""
+    shared = [max(0, a + tile_size - b) for a, b in zip(origins, origins[1:])]
+    return list(zip([0] + shared, shared + [0]))

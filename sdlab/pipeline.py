@@ -13,6 +13,7 @@ noise yourself (e.g. to compare with another library).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .attention import DEFAULT_SLICE_SIZE, attention_backend
 from .diffusion import get_time_embedding
 from .samplers import make_sampler
 
@@ -112,6 +114,13 @@ def check_arguments(prompt, strength, height, width, downscale: int) -> None:
             raise ValueError(f"{name} must be a positive multiple of {downscale} (e.g. 512); got {size!r}")
 
 
+def autocast(device: torch.device, dtype, weights_dtype):
+    """Autocast to `dtype` on `device`, or nothing when `dtype` is None, float32 or the weights' own."""
+    if dtype is None or dtype == weights_dtype or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 @torch.no_grad()
 def generate(
     prompt: str,
@@ -134,6 +143,10 @@ def generate(
     progress: bool = True,
     callback=None,
     mask_image=None,
+    dtype: torch.dtype | None = None,
+    low_memory: bool = False,
+    attention_slice_size: int | None = None,
+    vae_tile_size: int | None = None,
 ) -> np.ndarray:
     """Generate one image; returns it as an (height, width, 3) uint8 array.
 
@@ -148,6 +161,19 @@ def generate(
       inpainting checkpoint (9-channel U-Net, detected from the file) the U-Net sees the mask and
       the masked image; with any other checkpoint the kept region is re-imposed after every step,
       noised to the next timestep (the model never sees the mask, so seams can show).
+
+    Speed and memory (the defaults change nothing):
+
+    - `dtype`: run the U-Net under autocast to `torch.bfloat16` (CPUs with AVX512-BF16/AMX, GPUs)
+      or `torch.float16` (GPUs), whatever the weights' dtype; the sampler's arithmetic, the noise
+      and the guidance stay in float32. A float16 VAE decoder is always run in float32, where
+      float16 overflows into black images.
+    - `low_memory`: tiled VAE decode (`vae_tile_size` latent pixels, default 32), `idle_device`
+      defaulting to `"cpu"` on an accelerator (each model leaves the device after its turn), and
+      sliced attention where no fused attention kernel exists (on CPU and CUDA the default fused
+      kernel never builds the full attention matrix anyway).
+    - `attention_slice_size`: explicit attention over this many queries at a time (any device).
+    - `vae_tile_size`: tiled VAE decode with tiles of this many latent pixels (overlap 1/4).
     """
     if not models:
         from .model_loader import preload_models_from_standard_weights
@@ -160,6 +186,18 @@ def generate(
     vae_config = decoder.config
     check_arguments(prompt, strength, height, width, vae_config.downscale)
     device = torch.device(device or next(diffusion.parameters()).device)
+    if low_memory and idle_device is None and device.type != "cpu":
+        idle_device = "cpu"
+    if low_memory and vae_tile_size is None:
+        vae_tile_size = 32
+    if low_memory and attention_slice_size is None and device.type not in ("cpu", "cuda"):
+        attention_slice_size = DEFAULT_SLICE_SIZE
+
+    def attention():  # the attention code path of the U-Net and the VAE decoder
+        if attention_slice_size is None:
+            return contextlib.nullcontext()
+        return attention_backend("sliced", attention_slice_size)
+
     to_idle = (lambda m: m.to(idle_device)) if idle_device else (lambda m: m)
     if tokenizer is None:
         from .tokenizer import load_tokenizer
@@ -214,8 +252,8 @@ def generate(
 
     # 3. Denoise: one U-Net call per step (batch of 2 with guidance), then the sampler's update.
     diffusion.to(device)
-    dtype = next(diffusion.parameters()).dtype
-    context = context.to(dtype)
+    weights_dtype = next(diffusion.parameters()).dtype
+    context = context.to(weights_dtype)
     timesteps = sampler.timesteps
     for i, timestep in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
         model_input = sampler.scale_model_input(latents, timestep)
@@ -223,8 +261,9 @@ def generate(
             model_input = torch.cat([model_input, mask, masked_image_latents], dim=1)  # (1, 9, h, w)
         if do_cfg:
             model_input = model_input.repeat(2, 1, 1, 1)  # (1, C, h, w) -> (2, C, h, w)
-        time = get_time_embedding(timestep, diffusion.config.time_dim).to(device, dtype)
-        model_output = diffusion(model_input.to(dtype), context, time).float()
+        time = get_time_embedding(timestep, diffusion.config.time_dim).to(device, weights_dtype)
+        with attention(), autocast(device, dtype, weights_dtype):
+            model_output = diffusion(model_input.to(weights_dtype), context, time).float()
         if do_cfg:
             output_cond, output_uncond = model_output.chunk(2)
             model_output = cfg_scale * (output_cond - output_uncond) + output_uncond
@@ -239,6 +278,15 @@ def generate(
 
     # 4. Latents -> pixels.
     decoder.to(device)
-    images = decoder(latents.to(next(decoder.parameters()).dtype))
+    upcast = next(decoder.parameters()).dtype == torch.float16  # fp16 overflows in the decoder
+    if upcast:
+        decoder.float()
+    decode = decoder if vae_tile_size is None else (lambda z: decoder.tiled_forward(z, vae_tile_size, vae_tile_size // 4))
+    try:
+        with attention():
+            images = decode(latents.to(next(decoder.parameters()).dtype))
+    finally:
+        if upcast:
+            decoder.half()
     to_idle(decoder)
     return to_uint8(images)[0]

@@ -325,12 +325,13 @@ def test_ckpt_and_fp16_files_load_the_same_weights(sd15_variants, sdlab_models):
 
 
 LOAD_AND_REPORT = """
-import resource, sys
+import sys
 from sdlab.model_loader import preload_models_from_standard_weights
 models = preload_models_from_standard_weights(sys.argv[1], "cpu")
 assert sum(p.numel() for m in models.values() for p in m.parameters()) == 1_066_235_307
 checksum = sum(float(p.sum()) for m in models.values() for p in m.parameters())  # touch every weight
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM: this process's own peak (ru_maxrss would include the parent's RSS inherited at fork)
+print(int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024)
 """
 
 

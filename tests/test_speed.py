@@ -1,0 +1,172 @@
+"""The fast and low-memory paths compute what the plain ones do (equality only; no timings here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sdlab import pipeline
+from sdlab.attention import CrossAttention, SelfAttention, attention_backend, scaled_dot_product, sliced_dot_product
+from sdlab.diffusion import get_time_embedding
+from small import SMALL, small_models
+
+
+def max_diff(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("slice_size", [1, 7, 16, 100])
+def test_three_backends_agree(causal, slice_size):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 37, 16) for _ in range(3))
+    if not causal:
+        k, v = k[:, :, :21], v[:, :, :21]  # cross-attention: fewer keys than queries
+    with attention_backend("math"):
+        expected, _ = scaled_dot_product(q, k, v, causal)
+    with attention_backend("sdpa"):
+        fused, _ = scaled_dot_product(q, k, v, causal)
+    with attention_backend("sliced", slice_size):
+        sliced, _ = scaled_dot_product(q, k, v, causal)
+    assert max_diff(fused, expected) <= 1e-6
+    assert max_diff(sliced, expected) <= 1e-6
+    assert max_diff(sliced_dot_product(q, k, v, causal, slice_size), expected) <= 1e-6
+
+
+def test_modules_agree_on_every_backend():
+    torch.manual_seed(0)
+    self_attention, cross_attention = SelfAttention(4, 64).eval(), CrossAttention(4, 64, 24).eval()
+    x, y = torch.randn(2, 50, 64), torch.randn(2, 9, 24)
+    outputs = {}
+    for backend in ("math", "sdpa", "sliced"):
+        with torch.no_grad(), attention_backend(backend, 8):
+            outputs[backend] = (self_attention(x, causal_mask=True), self_attention(x), cross_attention(x, y))
+    for backend in ("sdpa", "sliced"):
+        for ours, expected in zip(outputs[backend], outputs["math"]):
+            assert max_diff(ours, expected) <= 1e-6
+
+
+def test_backend_arguments_are_checked_and_restored():
+    from sdlab import attention
+
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        with attention_backend("flash"):
+            pass
+    with pytest.raises(ValueError, match="slice_size"):
+        with attention_backend("sliced", 0):
+            pass
+    with attention_backend("sliced", 3):
+        assert (attention._backend, attention._slice_size) == ("sliced", 3)
+    assert (attention._backend, attention._slice_size) == ("sdpa", attention.DEFAULT_SLICE_SIZE)
+
+
+def test_store_attention_still_returns_the_weights_when_sliced():
+    torch.manual_seed(0)
+    attention = SelfAttention(2, 16).eval()
+    attention.store_attention = True
+    with torch.no_grad(), attention_backend("sliced", 4):
+        attention(torch.randn(1, 10, 16))
+    assert attention.attention_weights.shape == (1, 2, 10, 10)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: model.eval() for name, model in small_models(seed=0).items()}
+
+
+def test_unet_sliced_equals_fused(models):
+    torch.manual_seed(1)
+    latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    time = get_time_embedding(torch.tensor([10.0, 900.0]), SMALL.unet.time_dim)
+    with torch.no_grad():
+        fused = models["diffusion"](latents, context, time)
+        with attention_backend("sliced", 13):
+            sliced = models["diffusion"](latents, context, time)
+        with attention_backend("math"):
+            explicit = models["diffusion"](latents, context, time)
+    assert max_diff(sliced, explicit) <= 1e-6
+    assert max_diff(fused, explicit) <= 1e-5
+
+
+def test_unet_bf16_autocast_is_close_to_fp32(models):
+    torch.manual_seed(1)
+    latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    time = get_time_embedding(torch.tensor([10.0, 900.0]), SMALL.unet.time_dim)
+    with torch.no_grad():
+        full = models["diffusion"](latents, context, time)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = models["diffusion"](latents, context, time).float()
+    assert max_diff(half, full) <= 5e-2 * full.abs().max().item()
+
+
+def test_tiled_decode_is_close_to_untiled(models):
+    # The tiles' group norms and attention see only their own tile, so tiled decoding is close to,
+    # not equal to, the whole decode. Bound (random weights): mean |diff| <= 0.15 x the image's std.
+    decoder = models["decoder"]
+    torch.manual_seed(2)
+    latents = torch.randn(1, 4, 16, 28) * 0.18215 * 5
+    with torch.no_grad():
+        whole = decoder(latents)
+        tiled = decoder.tiled_forward(latents, tile_size=12, overlap=4)
+        same = decoder.tiled_forward(latents[..., :12, :12], tile_size=12, overlap=4)
+    assert tiled.shape == whole.shape
+    diff = (tiled - whole).abs()
+    print(f"tiled decode: max |diff| {diff.max():.3g}, mean {diff.mean():.3g}, image std {whole.std():.3g}")
+    assert diff.mean() <= 0.15 * whole.std()
+    assert torch.equal(same, decoder(latents[..., :12, :12]))  # one tile: exactly the plain decode
+    with pytest.raises(ValueError, match="overlap"):
+        decoder.tiled_forward(latents, tile_size=8, overlap=8)
+
+
+def test_tiled_decode_blends_to_a_constant():
+    """Blending weights sum to one everywhere: a decoder that outputs a constant stays constant."""
+    from sdlab.decoder import VAE_Decoder
+
+    decoder = VAE_Decoder(SMALL.vae).eval()
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.zero_()
+        decoder.conv_out.bias.fill_(0.25)
+        image = decoder.tiled_forward(torch.randn(1, 4, 20, 27), tile_size=8, overlap=3)
+    assert image.shape == (1, 3, 160, 216)
+    assert max_diff(image, torch.full_like(image, 0.25)) <= 1e-6
+
+
+def _generate(models, final=None, **options):
+    from sdlab.tokenizer import load_tokenizer
+
+    def keep(step, timestep, latents, noise_pred):
+        if final is not None:
+            final[:] = [latents]
+
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    return pipeline.generate(
+        "a red circle", models=models, sampler_name="dpmpp_2m", n_inference_steps=3, seed=0, height=64, width=64,
+        latents=latents, progress=False, tokenizer=load_tokenizer(), callback=keep, **options,
+    )
+
+
+def test_generate_options(models):
+    plain = _generate(models)
+    assert np.array_equal(_generate(models, dtype=None, low_memory=False), plain)
+    assert np.array_equal(_generate(models, dtype=torch.float32), plain)
+    sliced = _generate(models, attention_slice_size=5)
+    assert np.abs(sliced.astype(int) - plain.astype(int)).max() <= 1
+    final = []
+    low = _generate(models, final, low_memory=True, vae_tile_size=4)  # 8x8 latents: 9 overlapping tiles
+    with torch.no_grad():
+        expected = pipeline.to_uint8(models["decoder"].tiled_forward(final[0], 4, 1))[0]
+    assert np.array_equal(low, expected)
+    bf16 = _generate(models, dtype=torch.bfloat16)
+    assert bf16.shape == plain.shape and np.abs(bf16.astype(int) - plain.astype(int)).mean() < 8
+
+
+def test_fp16_decoder_is_run_in_fp32(models):
+    import copy
+
+    plain = _generate(models)
+    models = {**models, "decoder": copy.deepcopy(models["decoder"]).half()}
+    upcast = _generate(models)
+    assert next(models["decoder"].parameters()).dtype == torch.float16  # handed back as it came
+    assert np.abs(upcast.astype(int) - plain.astype(int)).max() <= 2
