@@ -298,7 +298,7 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae_params, 1.0)
             opt.step()
-            history["vae"].append([step, float(rec), float(kl)])
+            history["vae"].append([step, rec.item(), kl.item()])
             if step % 10 == 0:
                 bar.set_postfix(rec=f"{float(rec):.4f}", kl=f"{float(kl):.2f}")
             stop = out_of_budget() and step + 1 < vae_steps
