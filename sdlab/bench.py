@@ -72,34 +72,44 @@ def rss_gb() -> float:
 # --- the reference models, built here so that the bench never imports the tests -----------------
 
 
+def reference_configs():
+    """SD1.5's text encoder config (transformers) and U-Net and VAE arguments (diffusers)."""
+    from transformers import CLIPTextConfig
+
+    clip = CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        layer_norm_eps=1e-5, projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+    )
+    unet = dict(
+        sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = dict(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, sample_size=512, scaling_factor=0.18215,
+    )
+    return clip, unet, vae
+
+
 def reference_models(ckpt, state_dict=None) -> dict:
     """transformers' CLIPTextModel and diffusers' U-Net and VAE, SD1.5 sizes, loaded from `ckpt`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     if state_dict is None:
         from safetensors.torch import load_file
 
         state_dict = load_file(str(ckpt))
-    clip_config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-        layer_norm_eps=1e-5, projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
-    )
+    clip_config, unet_config, vae_config = reference_configs()
     clip = CLIPTextModel(clip_config)  # not on "meta": it has non-persistent buffers
     with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
-            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2, sample_size=512, scaling_factor=0.18215,
-        )
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**vae_config)
     converted = {
         "clip": {k.removeprefix("text_model."): v for k, v in sfu.convert_ldm_clip_checkpoint(state_dict).items()},
         "unet": sfu.convert_ldm_unet_checkpoint(state_dict, unet.config),

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from sdlab.bench import reference_configs  # the SD1.5 sizes in the reference libraries' terms
+
 MANIFEST = Path(__file__).resolve().parents[1].parent / "shared" / "sd15" / "manifest.tsv"
 MANIFEST_EXTRA = MANIFEST.with_name("manifest_extra.tsv")
 SCHEDULER_CONFIG = {
@@ -40,28 +42,6 @@ def read_manifest(path=None) -> dict[str, tuple[tuple[int, ...], str]]:
         key, shape, dtype = line.split("\t")
         rows[key] = (tuple(int(s) for s in shape.strip("[]").split(",") if s.strip()), dtype)
     return rows
-
-
-def reference_configs():
-    from transformers import CLIPTextConfig
-
-    clip = CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-        layer_norm_eps=1e-5, projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
-    )
-    unet = dict(
-        sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
-        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    vae = dict(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2, sample_size=512, scaling_factor=0.18215,
-    )
-    return clip, unet, vae
 
 
 def empty_reference_models():
