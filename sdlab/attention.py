@@ -61,9 +61,14 @@ def scaled_dot_product(q, k, v, causal: bool = False, return_weights: bool = Fal
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal), None
     if _backend == "sliced" and not return_weights and q.shape[-2] > _slice_size:
         return sliced_dot_product(q, k, v, causal, _slice_size), None
+    return _explicit(q, k, v, causal)
+
+
+def _explicit(q, k, v, causal: bool, first_query: int = 0):
+    """The formula itself, for queries `first_query`, `first_query + 1`, ... of the sequence."""
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
-    if causal:
-        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
+    if causal:  # query i (at position first_query + i) sees keys <= first_query + i
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(first_query + 1)
         scores = scores.masked_fill(mask, float("-inf"))
     weights = scores.float().softmax(dim=-1).to(q.dtype)  # softmax in fp32, also under fp16
     return weights @ v, weights
@@ -73,14 +78,8 @@ def sliced_dot_product(q, k, v, causal: bool = False, slice_size: int = DEFAULT_
     """The explicit formula, `slice_size` queries at a time: the same result, with scores of at most
     (B, H, slice_size, Lk) alive at once instead of (B, H, Lq, Lk)."""
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-    scale = math.sqrt(q.shape[-1])
     for start in range(0, q.shape[-2], slice_size):
-        stop = min(start + slice_size, q.shape[-2])
-        scores = q[..., start:stop, :] @ k.transpose(-1, -2) / scale  # (B, H, slice, Lk)
-        if causal:  # query i (absolute index start + i) sees keys <= start + i
-            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(start + 1)
-            scores = scores.masked_fill(mask, float("-inf"))
-        out[..., start:stop, :] = scores.float().softmax(dim=-1).to(q.dtype) @ v
+        out[..., start : start + slice_size, :] = _explicit(q[..., start : start + slice_size, :], k, v, causal, start)[0]
     return out
 
 

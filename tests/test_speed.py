@@ -75,10 +75,16 @@ def models():
     return {name: model.eval() for name, model in small_models(seed=0).items()}
 
 
-def test_unet_sliced_equals_fused(models):
+@pytest.fixture(scope="module")
+def unet_inputs():
+    """Latents (2, 4, 8, 8), a context (2, 77, 32) and the embeddings of t = 10 and 900."""
     torch.manual_seed(1)
-    latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
     time = get_time_embedding(torch.tensor([10.0, 900.0]), SMALL.unet.time_dim)
+    return torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), time
+
+
+def test_unet_sliced_equals_fused(models, unet_inputs):
+    latents, context, time = unet_inputs
     with torch.no_grad():
         fused = models["diffusion"](latents, context, time)
         with attention_backend("sliced", 13):
@@ -89,10 +95,8 @@ def test_unet_sliced_equals_fused(models):
     assert max_diff(fused, explicit) <= 1e-5
 
 
-def test_unet_bf16_autocast_is_close_to_fp32(models):
-    torch.manual_seed(1)
-    latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
-    time = get_time_embedding(torch.tensor([10.0, 900.0]), SMALL.unet.time_dim)
+def test_unet_bf16_autocast_is_close_to_fp32(models, unet_inputs):
+    latents, context, time = unet_inputs
     with torch.no_grad():
         full = models["diffusion"](latents, context, time)
         with torch.autocast("cpu", dtype=torch.bfloat16):
