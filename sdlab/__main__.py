@@ -87,18 +87,14 @@ def main(argv=None) -> int:
         from . import bench
 
         return bench.main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv[:1] if argv[:1] in (["train"], ["evaluate"]) else argv)
     try:
         if args.command == "generate":
             generate_command(args)
-        elif args.command == "bench":
-            from . import bench
-
-            return bench.main(args.args)
-        else:
+        else:  # train / evaluate: their own parsers see every option, --help included
             from . import train
 
-            getattr(train, f"main_{args.command}")(args.args)
+            return getattr(train, f"main_{args.command}")(argv[1:])
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

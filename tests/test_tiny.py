@@ -29,6 +29,11 @@ FIXED = [
     ("a large yellow circle in the top right", 0),
     ("a large white square in the bottom left", 1),
     ("a large purple triangle in the center", 2),
+    ("a small red square in the top left", 0),
+    ("a small blue circle at the bottom", 0),
+    ("a small yellow circle in the top right", 0),
+    ("a small red triangle in the center", 0),
+    ("a large green triangle above a small white circle", 0),
 ]
 
 
@@ -145,3 +150,30 @@ def test_train_end_to_end_writes_a_loadable_checkpoint_and_resumes(tmp_path):
         other = resumed["models"][name].state_dict()
         for key, tensor in model.state_dict().items():
             torch.testing.assert_close(tensor, other[key], rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
+
+
+def test_command_line_trains_and_evaluates(tmp_path, capsys):
+    from sdlab.__main__ import main
+
+    out, report = tmp_path / "t.safetensors", tmp_path / "report.json"
+    assert main(["train", "--out", str(out), "--n-images", "48", "--vae-steps", "2", "--vae-batch", "4",
+                 "--unet-steps", "2", "--unet-batch", "4", "--no-progress"]) == 0
+    assert preload_models_from_standard_weights(out)["diffusion"].config == TINY.unet
+    assert main(["evaluate", "--ckpt", str(out), "--n-prompts", "4", "--runs", "ddim:2",
+                 "--report", str(report)]) == 0
+    figures = json.loads(report.read_text())
+    assert [(r["sampler"], r["steps"], r["n"]) for r in figures["heldout"]] == [("ddim", 2, 4.0)]
+    assert 0.0 <= figures["heldout"][0]["colour"] <= 1.0 and figures["vae_psnr_db"] > 0
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0 and "--unet-steps" in capsys.readouterr().out
+
+
+def test_heldout_prompt_following_meets_the_goals(tiny):
+    """A fresh sample of the evaluation (50 held-out prompts, DPM++ 2M, 20 steps, CFG 5), not the report."""
+    from sdlab.shapes import heldout_prompts
+    from sdlab.train import evaluate_models
+
+    prompts = heldout_prompts(50, seed=123)
+    (row,) = evaluate_models(tiny, prompts, list(range(50)), [("dpmpp_2m", 20)], cfg_scale=5.0, log=lambda *a: None)
+    assert row["colour"] >= 0.9 and row["shape"] >= 0.85 and row["position"] >= 0.85, row

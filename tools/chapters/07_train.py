@@ -66,7 +66,8 @@ CELLS = [
     ## A short training run, live
 
     Training has two stages, as for the real model. First the **VAE** learns to reconstruct the
-    images (with a small KL term); its latent scale factor is then measured, as 0.18215 was for
+    images (with a KL term so light that the latents stay nearly deterministic: a heavier one let
+    the posterior noise blur small circles into squares); its latent scale factor is then measured, as 0.18215 was for
     SD. Then the **text encoder and the U-Net** learn together to predict the noise added to the
     latents, with 10 % of the captions dropped to the empty prompt so that the same network also
     learns the unconditional prediction that classifier-free guidance needs:
@@ -131,6 +132,27 @@ CELLS = [
     else:
         print("the bundled tiny model is not installed: train it with `python -m sdlab train`")
     """),
+    md(r"""
+    ## How well it follows prompts
+
+    `python -m sdlab evaluate` generates one image for each of 200 held-out prompts (every one uses
+    a combination never seen in training), reads each back with the analyzer and reports the
+    fraction right per attribute, for several samplers and step counts, plus the same on prompts
+    like the training ones. The figures of the shipped model, from `sdlab/data/tiny_report.json`:
+    """),
+    code(r"""
+    import json
+
+    report = json.loads((model_loader.DEFAULT_CHECKPOINT.parent / "tiny_report.json").read_text())
+    print(f"{'prompts':10s} {'sampler':16s} {'steps':>5s}" + "".join(f"{k:>9s}" for k in ("colour", "shape", "size", "position", "relation", "all")))
+    for split in ("heldout", "train_split"):
+        for row in report[split]:
+            print(f"{split.replace('_split', ''):10s} {row['sampler']:16s} {row['steps']:5d}"
+                  + "".join(f"{row[k]:9.1%}" for k in ("colour", "shape", "size", "position", "relation", "all")))
+    training = report["training"]
+    print(f"\nVAE reconstruction PSNR {report['vae_psnr_db']} dB; one 64x64 image in {report['seconds_per_64px_image']} s;"
+          f" trained in {training['total_seconds'] / 60:.0f} min on {training['settings']['threads']} CPU threads")
+    """, check=True),
     md(r"""
     ## Summary
 

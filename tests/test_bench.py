@@ -1,0 +1,42 @@
+"""`python -m sdlab bench` runs and compares the right things (its timings are not asserted here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sdlab import bench
+
+
+def test_component_rows_compare_equal_outputs(sdlab_models, reference):
+    theirs = {"clip": reference["clip"], "unet": reference["unet"], "vae": reference["vae"]}
+    bf16 = bench.bf16_supported()
+    rows = bench.component_rows(sdlab_models, theirs, repeat=1, quick=True, bf16=bf16)
+    by_key = {(r["component"].split(" (")[0], r["impl"]): r for r in rows}
+    impls = {"sdlab", "diffusers"} | ({"sdlab bf16", "diffusers bf16"} if bf16 else set())
+    assert {k for k in by_key if k[0] == "U-Net step"} == {("U-Net step", i) for i in impls}
+    for component in ("CLIP", "U-Net step", "VAE decode"):
+        assert by_key[(component, "diffusers")]["ratio"] == 1.0
+        assert by_key[(component, "sdlab")]["seconds"] > 0
+        assert by_key[(component, "sdlab")]["max_diff"] <= 1e-4, component  # same weights, same function
+    if bf16:  # bf16 autocast against fp32: the goal is within 2e-2 of the fp32 prediction
+        assert by_key[("U-Net step", "sdlab bf16")]["max_diff"] <= 2e-2
+
+
+def test_whole_image_runs_one_subprocess_per_library(sd15_file, tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--ckpt", str(sd15_file), "--quick", "--no-components", "--no-bf16", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    ours, theirs = (next(r for r in results["image"] if r["impl"] == name) for name in ("sdlab", "diffusers"))
+    file_gb = sd15_file.stat().st_size / 1e9
+    for run in (ours, theirs):
+        assert run["seconds"] > 0 and file_gb * 0.9 < run["load_peak_rss_gb"] <= run["peak_rss_gb"]
+    # The same latents, prompt and sampler: the same picture, to a fraction of a grey level on average.
+    assert ours["image_mean"] == pytest.approx(theirs["image_mean"], abs=0.05)
+    assert ours["image_std"] == pytest.approx(theirs["image_std"], abs=0.05)
+
+
+def test_bench_refuses_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        bench.main(["--ckpt", str(tmp_path / "missing.safetensors")])
