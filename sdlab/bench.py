@@ -13,7 +13,10 @@ runs (`--repeat` times each, best kept) so that a busy machine affects both alik
 * CLIP: 2 prompts (a CFG batch) of 77 tokens.
 * U-Net step: batch 2 (CFG), 4x64x64 latents (a 512x512 image), fp32, and bf16 (autocast) where
   the CPU supports it; ratios always against diffusers *fp32*, `max_diff` against diffusers fp32.
-* VAE decode: 1x4x64x64 -> 512x512.
+  "sdlab" runs as `generate` runs fp32 on the CPU, with packed convolution weights
+  (`sdlab.packing`), in a round of its own against diffusers; then "sdlab unpacked" (the plain
+  eager model) and the bf16 rows (autocast, unpacked, as `generate` runs bf16) in a second round.
+* VAE decode: 1x4x64x64 -> 512x512 (packed, as in `generate`).
 
 A whole image (DPM++ 2M, 20 steps, CFG 7.5, 512x512; `--quick`: 4 steps, 256x256) runs in a fresh
 subprocess per library, so that each peak RSS (loading, then generating) is its own.
@@ -32,6 +35,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .packing import packed_weights
 
 PROMPT = "a watercolor painting of a lighthouse at dusk"
 SCHEDULER_CONFIG = {
@@ -154,15 +159,6 @@ def reference_pipeline(models: dict):
 # --- timing --------------------------------------------------------------------------------------
 
 
-def best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def interleaved(fns: dict, repeat: int, warmup: int = 1) -> dict:
     """Best time of each function, run in turn (a, b, a, b, ...) after `warmup` untimed rounds."""
     for _ in range(warmup):
@@ -195,12 +191,16 @@ def component_rows(ours: dict, theirs: dict, repeat: int, quick: bool, bf16: boo
     time_emb = get_time_embedding(t, 320)
     vae_latents = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(1))
 
-    def row(name, fns, check=None):
-        with torch.inference_mode():
+    def row(name, fns, check=None, packed=(), only=None):
+        """Time `fns` in turn; `packed`: sdlab models whose convolutions are packed meanwhile, as
+        `generate` runs them on the CPU; `only`: keep just these rows (ratios stay against diffusers)."""
+        with torch.inference_mode(), packed_weights(*packed):
             times = interleaved(fns, repeat)
             diff = check() if check else None
         base = times["diffusers"]
         for who, seconds in times.items():
+            if only and who not in only:
+                continue
             rows.append({"component": name, "impl": who, "seconds": round(seconds, 3),
                          "ratio": round(seconds / base, 3), **({"max_diff": float(f"{diff[who]:.3g}")} if diff and who in diff else {})})
         print(f"  {name}: " + ", ".join(f"{k} {v:.3f} s" for k, v in times.items()), flush=True)
@@ -229,21 +229,25 @@ def component_rows(ours: dict, theirs: dict, repeat: int, quick: bool, bf16: boo
 
     def unet_check():
         reference = diffusers_unet()
-        diffs = {"sdlab": maxdiff(sdlab_unet(), reference)}
+        diffs = {"sdlab unpacked": maxdiff(sdlab_unet(), reference)}
         if bf16:
             diffs["sdlab bf16"] = maxdiff(sdlab_unet_bf16(), reference)
             diffs["diffusers bf16"] = maxdiff(diffusers_unet_bf16(), reference)
         return diffs
 
-    fns = {"sdlab": sdlab_unet, "diffusers": diffusers_unet}
-    if bf16:
+    unet_row = f"U-Net step (2x4x{size}x{size})"
+    row(unet_row, {"sdlab": sdlab_unet, "diffusers": diffusers_unet},
+        lambda: {"sdlab": maxdiff(sdlab_unet(), diffusers_unet())}, packed=[ours["diffusion"]])
+    fns = {"sdlab unpacked": sdlab_unet, "diffusers": diffusers_unet}
+    if bf16:  # as `generate` runs bf16: autocast, weights not packed
         fns.update({"sdlab bf16": sdlab_unet_bf16, "diffusers bf16": diffusers_unet_bf16})
-    row(f"U-Net step (2x4x{size}x{size})", fns, unet_check)
+    row(unet_row, fns, unet_check, only=[name for name in fns if name != "diffusers"])
 
     row(f"VAE decode ({8 * size}x{8 * size})", {
         "sdlab": lambda: ours["decoder"](vae_latents),
         "diffusers": lambda: theirs["vae"].decode(vae_latents / 0.18215).sample,
-    }, lambda: {"sdlab": maxdiff(ours["decoder"](vae_latents), theirs["vae"].decode(vae_latents / 0.18215).sample)})
+    }, lambda: {"sdlab": maxdiff(ours["decoder"](vae_latents), theirs["vae"].decode(vae_latents / 0.18215).sample)},
+        packed=[ours["decoder"]])
     return rows
 
 

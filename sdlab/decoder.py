@@ -55,7 +55,7 @@ class VAE_ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_1(F.silu(self.groupnorm_1(x)))
         h = self.conv_2(F.silu(self.groupnorm_2(h)))
-        return self.residual_layer(x) + h
+        return h.add_(self.residual_layer(x))  # in place: one image-sized buffer less at the peak
 
 
 class Upsample(nn.Module):

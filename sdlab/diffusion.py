@@ -72,7 +72,7 @@ class UNET_ResidualBlock(nn.Module):
         h = self.conv_feature(F.silu(self.groupnorm_feature(feature)))  # (B, C_out, H, W)
         h = h + self.linear_time(F.silu(time))[:, :, None, None]  # add (B, C_out, 1, 1)
         h = self.conv_merged(F.silu(self.groupnorm_merged(h)))
-        return h + self.residual_layer(feature)
+        return h.add_(self.residual_layer(feature))  # in place (the convolution's output is not needed again)
 
 
 class UNET_AttentionBlock(nn.Module):

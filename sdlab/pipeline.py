@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .attention import DEFAULT_SLICE_SIZE, attention_backend
 from .diffusion import get_time_embedding
+from .packing import packed_weights
 from .samplers import make_sampler
 
 WIDTH = 512
@@ -147,6 +148,7 @@ def generate(
     low_memory: bool = False,
     attention_slice_size: int | None = None,
     vae_tile_size: int | None = None,
+    packed: bool | None = None,
 ) -> np.ndarray:
     """Generate one image; returns it as an (height, width, 3) uint8 array.
 
@@ -174,6 +176,9 @@ def generate(
       kernel never builds the full attention matrix anyway).
     - `attention_slice_size`: explicit attention over this many queries at a time (any device).
     - `vae_tile_size`: tiled VAE decode with tiles of this many latent pixels (overlap 1/4).
+    - `packed`: run the float32 convolutions and linear layers of the U-Net (unless under autocast)
+      and of the VAE decoder on weights reordered once for oneDNN (`sdlab.packing`: a U-Net step
+      5-9% and a VAE decode 10-15% faster on SD1.5, equal up to rounding). Default: on on the CPU.
     """
     if not models:
         from .model_loader import preload_models_from_standard_weights
@@ -192,6 +197,14 @@ def generate(
         vae_tile_size = 32
     if low_memory and attention_slice_size is None and device.type not in ("cpu", "cuda"):
         attention_slice_size = DEFAULT_SLICE_SIZE
+
+    if packed is None:
+        packed = device.type == "cpu"
+
+    def packing(model, under_autocast=False):  # weights reordered once for oneDNN (float32, CPU)
+        if not packed or under_autocast:
+            return contextlib.nullcontext()
+        return packed_weights(model, batch=2 if do_cfg else 1)
 
     def attention():  # the attention code path of the U-Net and the VAE decoder
         if attention_slice_size is None:
@@ -255,25 +268,26 @@ def generate(
     weights_dtype = next(diffusion.parameters()).dtype
     context = context.to(weights_dtype)
     timesteps = sampler.timesteps
-    for i, timestep in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
-        model_input = sampler.scale_model_input(latents, timestep)
-        if inpainting_model:  # the inpainting U-Net also reads the mask and the masked image
-            model_input = torch.cat([model_input, mask, masked_image_latents], dim=1)  # (1, 9, h, w)
-        if do_cfg:
-            model_input = model_input.repeat(2, 1, 1, 1)  # (1, C, h, w) -> (2, C, h, w)
-        time = get_time_embedding(timestep, diffusion.config.time_dim).to(device, weights_dtype)
-        with attention(), autocast(device, dtype, weights_dtype):
-            model_output = diffusion(model_input.to(weights_dtype), context, time).float()
-        if do_cfg:
-            output_cond, output_uncond = model_output.chunk(2)
-            model_output = cfg_scale * (output_cond - output_uncond) + output_uncond
-        latents = sampler.step(timestep, latents, model_output)
-        if mask is not None and not inpainting_model:
-            # Any SD checkpoint: outside the mask, put back the input image noised to the next step.
-            known = image_latents if i == len(timesteps) - 1 else sampler.add_noise(image_latents, timesteps[i + 1 : i + 2], noise)
-            latents = (1 - mask) * known + mask * latents
-        if callback is not None:
-            callback(i, timestep, latents, model_output)
+    with packing(diffusion, under_autocast=dtype not in (None, torch.float32, weights_dtype)):
+        for i, timestep in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
+            model_input = sampler.scale_model_input(latents, timestep)
+            if inpainting_model:  # the inpainting U-Net also reads the mask and the masked image
+                model_input = torch.cat([model_input, mask, masked_image_latents], dim=1)  # (1, 9, h, w)
+            if do_cfg:
+                model_input = model_input.repeat(2, 1, 1, 1)  # (1, C, h, w) -> (2, C, h, w)
+            time = get_time_embedding(timestep, diffusion.config.time_dim).to(device, weights_dtype)
+            with attention(), autocast(device, dtype, weights_dtype):
+                model_output = diffusion(model_input.to(weights_dtype), context, time).float()
+            if do_cfg:
+                output_cond, output_uncond = model_output.chunk(2)
+                model_output = cfg_scale * (output_cond - output_uncond) + output_uncond
+            latents = sampler.step(timestep, latents, model_output)
+            if mask is not None and not inpainting_model:
+                # Any SD checkpoint: outside the mask, put back the input image noised to the next step.
+                known = image_latents if i == len(timesteps) - 1 else sampler.add_noise(image_latents, timesteps[i + 1 : i + 2], noise)
+                latents = (1 - mask) * known + mask * latents
+            if callback is not None:
+                callback(i, timestep, latents, model_output)
     to_idle(diffusion)
 
     # 4. Latents -> pixels.
@@ -283,7 +297,7 @@ def generate(
         decoder.float()
     decode = decoder if vae_tile_size is None else (lambda z: decoder.tiled_forward(z, vae_tile_size, vae_tile_size // 4))
     try:
-        with attention():
+        with attention(), packing(decoder):
             images = decode(latents.to(next(decoder.parameters()).dtype))
     finally:
         if upcast:

@@ -15,7 +15,8 @@ def test_component_rows_compare_equal_outputs(sdlab_models, reference):
     rows = bench.component_rows(sdlab_models, theirs, repeat=1, quick=True, bf16=bf16)
     by_key = {(r["component"].split(" (")[0], r["impl"]): r for r in rows}
     impls = {"sdlab", "diffusers"} | ({"sdlab bf16", "diffusers bf16"} if bf16 else set())
-    assert {k for k in by_key if k[0] == "U-Net step"} == {("U-Net step", i) for i in impls}
+    assert {k for k in by_key if k[0] == "U-Net step"} == {("U-Net step", i) for i in impls | {"sdlab unpacked"}}
+    assert by_key[("U-Net step", "sdlab unpacked")]["max_diff"] <= 1e-4
     for component in ("CLIP", "U-Net step", "VAE decode"):
         assert by_key[(component, "diffusers")]["ratio"] == 1.0
         assert by_key[(component, "sdlab")]["seconds"] > 0
@@ -30,8 +31,9 @@ def test_whole_image_runs_one_subprocess_per_library(sd15_file, tmp_path):
     results = json.loads(out.read_text())
     ours, theirs = (next(r for r in results["image"] if r["impl"] == name) for name in ("sdlab", "diffusers"))
     file_gb = sd15_file.stat().st_size / 1e9
-    for run in (ours, theirs):
-        assert run["seconds"] > 0 and file_gb * 0.9 < run["load_peak_rss_gb"] <= run["peak_rss_gb"]
+    for run in (ours, theirs):  # diffusers maps the file and reads the weights at first use only
+        assert run["seconds"] > 0 and 0 < run["load_peak_rss_gb"] <= run["peak_rss_gb"]
+    assert file_gb * 0.9 < ours["load_peak_rss_gb"]  # sdlab reads every weight while loading
     # The same latents, prompt and sampler: the same picture, to a fraction of a grey level on average.
     assert ours["image_mean"] == pytest.approx(theirs["image_mean"], abs=0.05)
     assert ours["image_std"] == pytest.approx(theirs["image_std"], abs=0.05)

@@ -158,7 +158,7 @@ def test_generate_options(models):
     sliced = _generate(models, attention_slice_size=5)
     assert np.abs(sliced.astype(int) - plain.astype(int)).max() <= 1
     final = []
-    low = _generate(models, final, low_memory=True, vae_tile_size=4)  # 8x8 latents: 9 overlapping tiles
+    low = _generate(models, final, low_memory=True, vae_tile_size=4, packed=False)  # 8x8 latents: 9 tiles
     with torch.no_grad():
         expected = pipeline.to_uint8(models["decoder"].tiled_forward(final[0], 4, 1))[0]
     assert np.array_equal(low, expected)
@@ -174,3 +174,35 @@ def test_fp16_decoder_is_run_in_fp32(models):
     upcast = _generate(models)
     assert next(models["decoder"].parameters()).dtype == torch.float16  # handed back as it came
     assert np.abs(upcast.astype(int) - plain.astype(int)).max() <= 2
+
+
+def test_packed_weights_compute_the_same_and_give_the_weights_back(models):
+    from sdlab.packing import available, packed_weights
+
+    assert available()  # the CPU build of torch has oneDNN: a missing kernel must not go unnoticed
+    unet, decoder = models["diffusion"], models["decoder"]
+    before = {k: v.clone() for k, v in {**unet.state_dict(), **decoder.state_dict()}.items()}
+    latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, SMALL.unet.d_context)
+    with torch.no_grad():
+        plain = unet(latents, context, 500), decoder(latents[:1])
+        with packed_weights(unet, decoder):
+            packed = unet(latents, context, 500), decoder(latents[:1])
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # falls back to the plain convolution
+                half = unet(latents, context, 500)
+        again = unet(latents, context, 500), decoder(latents[:1])
+    for ours, expected in zip(packed, plain):
+        assert max_diff(ours, expected) <= 1e-5 * expected.abs().max().item()
+    assert max_diff(half, plain[0]) <= 0.05 * plain[0].abs().max().item()
+    assert all(torch.equal(a, b) for a, b in zip(again, plain))  # the plain path is back, bit for bit
+    after = {**unet.state_dict(), **decoder.state_dict()}
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any("forward" in vars(m) for m in (*unet.modules(), *decoder.modules()))
+    with packed_weights(unet):  # every convolution and linear layer of the U-Net is packed
+        layers = [m for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        assert layers and all("forward" in vars(m) and m.weight.numel() == 0 for m in layers)
+
+
+def test_generate_packs_by_default_on_the_cpu(models):
+    plain = _generate(models, packed=False)
+    packed = _generate(models)
+    assert np.abs(packed.astype(int) - plain.astype(int)).max() <= 1

@@ -120,7 +120,7 @@ CELLS = [
       `transformers` and `diffusers` with *the same random weights*, which tests the code exactly
       as well as the real weights would;
     * the **generating** chapters use the **tiny Stable Diffusion** that ships with `sdlab`
-      (`sdlab/data/tiny.safetensors`, a few MB), trained in the last chapter on a synthetic data set
+      (`sdlab/data/tiny.safetensors`, a few MB), trained in chapter 7 on a synthetic data set
       of coloured shapes with captions. It runs the very same code path; each figure says which
       model made it.
 
@@ -132,7 +132,10 @@ CELLS = [
     4. **The U-Net**: the time embedding, residual and transformer blocks, skip connections.
     5. **DDPM and samplers**: the forward process, noise schedules, the reverse step, DDIM, Euler, DPM++.
     6. **The pipeline**: classifier-free guidance, image-to-image, inpainting, attention maps.
-    7. **Train your own tiny Stable Diffusion**.
+    7. **Train your own tiny Stable Diffusion**: a captioned synthetic data set, two training stages, and
+       a model that follows prompts it has never seen.
+    8. **Fast and lean**: where the FLOPs go, fused attention, bf16, packed convolution weights, fewer
+       steps, and whole images timed against `diffusers`.
 
     ## Summary
 
