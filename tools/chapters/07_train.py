@@ -119,7 +119,7 @@ CELLS = [
         with torch.no_grad():
             images = generate_batch(tiny, prompts, seeds=list(range(len(prompts))), sampler_name="dpmpp_2m",
                                     n_inference_steps=20, cfg_scale=5.0)
-        fig, axes = plt.subplots(2, 4, figsize=(11, 6.2))
+        fig, axes = plt.subplots(2, 4, figsize=(11, 7.0))
         for ax, prompt, image in zip(axes.flat, prompts, images):
             ok = analyzer.score(prompt, image)["all"] == 1.0
             ax.imshow(image)
