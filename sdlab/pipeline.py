@@ -115,9 +115,14 @@ def check_arguments(prompt, strength, height, width, downscale: int) -> None:
             raise ValueError(f"{name} must be a positive multiple of {downscale} (e.g. 512); got {size!r}")
 
 
+def uses_autocast(dtype, weights_dtype) -> bool:
+    """Whether `dtype` asks for autocast: not None, float32 or the weights' own dtype."""
+    return dtype is not None and dtype not in (weights_dtype, torch.float32)
+
+
 def autocast(device: torch.device, dtype, weights_dtype):
-    """Autocast to `dtype` on `device`, or nothing when `dtype` is None, float32 or the weights' own."""
-    if dtype is None or dtype == weights_dtype or dtype == torch.float32:
+    """Autocast to `dtype` on `device`, or nothing when `uses_autocast` is False."""
+    if not uses_autocast(dtype, weights_dtype):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
 
@@ -268,7 +273,7 @@ def generate(
     weights_dtype = next(diffusion.parameters()).dtype
     context = context.to(weights_dtype)
     timesteps = sampler.timesteps
-    with packing(diffusion, under_autocast=dtype not in (None, torch.float32, weights_dtype)):
+    with packing(diffusion, under_autocast=uses_autocast(dtype, weights_dtype)):
         for i, timestep in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
             model_input = sampler.scale_model_input(latents, timestep)
             if inpainting_model:  # the inpainting U-Net also reads the mask and the masked image

@@ -155,13 +155,15 @@ CELLS = [
     code(r"""
     import ipywidgets as widgets
 
-    def cfg_explorer(cfg_scale=7.5, seed=2):
-        image = decode(denoise(context, seed=seed, cfg_scale=cfg_scale))
+    def show_small(image, title):  # the explorers' single picture
         fig, ax = plt.subplots(figsize=(2.4, 2.4), dpi=60)
         ax.imshow(image)
-        ax.set_title(f"scale {cfg_scale:g}, seed {seed}", fontsize=10)
+        ax.set_title(title, fontsize=10)
         ax.axis("off")
         plt.show()
+
+    def cfg_explorer(cfg_scale=7.5, seed=2):
+        show_small(decode(denoise(context, seed=seed, cfg_scale=cfg_scale)), f"scale {cfg_scale:g}, seed {seed}")
 
     widgets.interact(cfg_explorer,
                      cfg_scale=widgets.FloatSlider(value=7.5, min=0, max=15, step=0.5, continuous_update=False),
@@ -206,12 +208,8 @@ CELLS = [
     """),
     code(r"""
     def strength_explorer(strength=0.6):
-        image = decode(denoise(new_context, seed=3, init_latents=init_latents, strength=strength))
-        fig, ax = plt.subplots(figsize=(2.4, 2.4), dpi=60)
-        ax.imshow(image)
-        ax.set_title(f"strength {strength:g}", fontsize=10)
-        ax.axis("off")
-        plt.show()
+        show_small(decode(denoise(new_context, seed=3, init_latents=init_latents, strength=strength)),
+                   f"strength {strength:g}")
 
     widgets.interact(strength_explorer,
                      strength=widgets.FloatSlider(value=0.6, min=0.05, max=1.0, step=0.05, continuous_update=False));
