@@ -4,8 +4,9 @@
 
 The checkpoint is any SD1.5-layout file (the real one, or a random one in the same layout such
 as the test suite's `random-v1-5.safetensors`); both libraries load the *same* file, sdlab with its
-own loader, the reference (transformers' CLIP, diffusers' U-Net and VAE) through diffusers'
-single-file converters. diffusers is needed only here: it is imported lazily.
+own loader, the reference (transformers' CLIP, diffusers' U-Net and VAE: `sdlab.reference`, the
+same models the tests compare against) through diffusers' single-file converters. diffusers is
+needed only here: it is imported lazily.
 
 Components are timed in one process with both libraries loaded, alternating sdlab and diffusers
 runs (`--repeat` times each, best kept) so that a busy machine affects both alike:
@@ -36,14 +37,11 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointNotFoundError
 from .packing import packed_weights
+from .reference import diffusers_scheduler, reference_models, reference_pipeline
 
 PROMPT = "a watercolor painting of a lighthouse at dusk"
-SCHEDULER_CONFIG = {
-    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "trained_betas": None,
-}
 
 
 def bf16_supported() -> bool:
@@ -66,94 +64,6 @@ def peak_rss_gb() -> float:
             return int(status.read().split("VmHWM:")[1].split()[0]) * 1024 / 1e9
     except (OSError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
-
-def rss_gb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 1e9
-
-
-# --- the reference models, built here so that the bench never imports the tests -----------------
-
-
-def reference_configs():
-    """SD1.5's text encoder config (transformers) and U-Net and VAE arguments (diffusers)."""
-    from transformers import CLIPTextConfig
-
-    clip = CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-        layer_norm_eps=1e-5, projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
-    )
-    unet = dict(
-        sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
-        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    vae = dict(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2, sample_size=512, scaling_factor=0.18215,
-    )
-    return clip, unet, vae
-
-
-def reference_models(ckpt, state_dict=None) -> dict:
-    """transformers' CLIPTextModel and diffusers' U-Net and VAE, SD1.5 sizes, loaded from `ckpt`."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as sfu
-    from transformers import CLIPTextModel
-
-    if state_dict is None:
-        from safetensors.torch import load_file
-
-        state_dict = load_file(str(ckpt))
-    clip_config, unet_config, vae_config = reference_configs()
-    clip = CLIPTextModel(clip_config)  # not on "meta": it has non-persistent buffers
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config)
-        vae = AutoencoderKL(**vae_config)
-    converted = {
-        "clip": {k.removeprefix("text_model."): v for k, v in sfu.convert_ldm_clip_checkpoint(state_dict).items()},
-        "unet": sfu.convert_ldm_unet_checkpoint(state_dict, unet.config),
-        "vae": sfu.convert_ldm_vae_checkpoint(state_dict, vae.config),
-    }
-    del state_dict
-    models = {}
-    for name, model in (("clip", clip), ("unet", unet), ("vae", vae)):
-        weights = {k: v.float() if v.is_floating_point() else v for k, v in converted.pop(name).items()}
-        weights.pop("embeddings.position_ids", None)  # a constant buffer, not a weight
-        missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-        if unexpected or [k for k in missing if "position_ids" not in k]:
-            raise RuntimeError(f"reference {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-            raise RuntimeError(f"reference {name} kept tensors on the meta device")
-        models[name] = model.eval()
-    gc.collect()
-    return models
-
-
-def reference_pipeline(models: dict):
-    """diffusers' StableDiffusionPipeline with DPM++ 2M around the reference models."""
-    import tempfile
-
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
-    from .tokenizer import vocab_files
-
-    with tempfile.TemporaryDirectory() as directory:
-        vocab_files(directory)
-        tokenizer = CLIPTokenizer.from_pretrained(directory)
-    pipe = StableDiffusionPipeline(
-        vae=models["vae"], text_encoder=models["clip"], tokenizer=tokenizer, unet=models["unet"],
-        scheduler=DPMSolverMultistepScheduler.from_config(SCHEDULER_CONFIG), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -180,73 +90,88 @@ def unet_inputs(seed: int = 0, batch: int = 2, size: int = 64):
     return latents, context, torch.tensor([500.0] * batch)
 
 
-def component_rows(ours: dict, theirs: dict, repeat: int, quick: bool, bf16: bool) -> list[dict]:
-    from .diffusion import get_time_embedding
-    from .tokenizer import load_tokenizer
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
 
+
+def timed_rows(name: str, fns: dict, repeat: int, check=None, packed=(), only=None) -> list[dict]:
+    """Time `fns` in turn (`interleaved`) and report one row each, with its ratio to "diffusers" and
+    `check()`'s max difference where it gives one. `packed`: sdlab models whose convolutions are
+    packed meanwhile, as `generate` runs them on the CPU; `only`: keep just these rows."""
+    with torch.inference_mode(), packed_weights(*packed):
+        times = interleaved(fns, repeat)
+        diff = check() if check else None
+    print(f"  {name}: " + ", ".join(f"{k} {v:.3f} s" for k, v in times.items()), flush=True)
     rows = []
-    tokens = torch.tensor(load_tokenizer()([PROMPT, ""], padding="max_length", max_length=77, truncation=True).input_ids)
-    size = 32 if quick else 64
+    for who, seconds in times.items():
+        if only and who not in only:
+            continue
+        rows.append({"component": name, "impl": who, "seconds": round(seconds, 3),
+                     "ratio": round(seconds / times["diffusers"], 3),
+                     **({"max_diff": float(f"{diff[who]:.3g}")} if diff and who in diff else {})})
+    return rows
+
+
+def unet_functions(ours: dict, theirs: dict, size: int) -> dict:
+    """One U-Net step of each library on the same inputs (batch 2, 4 x size x size latents), in
+    float32 and under bf16 autocast."""
+    from .diffusion import get_time_embedding
+
     latents, context, t = unet_inputs(size=size)
     time_emb = get_time_embedding(t, 320)
-    vae_latents = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(1))
 
-    def row(name, fns, check=None, packed=(), only=None):
-        """Time `fns` in turn; `packed`: sdlab models whose convolutions are packed meanwhile, as
-        `generate` runs them on the CPU; `only`: keep just these rows (ratios stay against diffusers)."""
-        with torch.inference_mode(), packed_weights(*packed):
-            times = interleaved(fns, repeat)
-            diff = check() if check else None
-        base = times["diffusers"]
-        for who, seconds in times.items():
-            if only and who not in only:
-                continue
-            rows.append({"component": name, "impl": who, "seconds": round(seconds, 3),
-                         "ratio": round(seconds / base, 3), **({"max_diff": float(f"{diff[who]:.3g}")} if diff and who in diff else {})})
-        print(f"  {name}: " + ", ".join(f"{k} {v:.3f} s" for k, v in times.items()), flush=True)
+    def bf16(fn):
+        def autocast():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn()
 
-    def maxdiff(a, b):
-        return float((a.double() - b.double()).abs().max())
-
-    row("CLIP (2x77 tokens)", {
-        "sdlab": lambda: ours["clip"](tokens),
-        "diffusers": lambda: theirs["clip"](tokens).last_hidden_state,
-    }, lambda: {"sdlab": maxdiff(ours["clip"](tokens), theirs["clip"](tokens).last_hidden_state)})
+        return autocast
 
     def sdlab_unet():
         return ours["diffusion"](latents, context, time_emb)
 
-    def sdlab_unet_bf16():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return ours["diffusion"](latents, context, time_emb)
-
     def diffusers_unet():
         return theirs["unet"](latents, t, encoder_hidden_states=context).sample
 
-    def diffusers_unet_bf16():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return theirs["unet"](latents, t, encoder_hidden_states=context).sample
+    return {"sdlab": sdlab_unet, "diffusers": diffusers_unet,
+            "sdlab bf16": bf16(sdlab_unet), "diffusers bf16": bf16(diffusers_unet)}
+
+
+def component_rows(ours: dict, theirs: dict, repeat: int, quick: bool, bf16: bool) -> list[dict]:
+    """CLIP, one U-Net step (packed; then unpacked and bf16) and a VAE decode, sdlab against diffusers."""
+    from .tokenizer import load_tokenizer
+
+    tokens = torch.tensor(load_tokenizer()([PROMPT, ""], padding="max_length", max_length=77, truncation=True).input_ids)
+    size = 32 if quick else 64
+    vae_latents = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(1))
+
+    rows = timed_rows("CLIP (2x77 tokens)", {
+        "sdlab": lambda: ours["clip"](tokens),
+        "diffusers": lambda: theirs["clip"](tokens).last_hidden_state,
+    }, repeat, lambda: {"sdlab": max_diff(ours["clip"](tokens), theirs["clip"](tokens).last_hidden_state)})
+
+    unet = unet_functions(ours, theirs, size)
 
     def unet_check():
-        reference = diffusers_unet()
-        diffs = {"sdlab unpacked": maxdiff(sdlab_unet(), reference)}
+        reference = unet["diffusers"]()
+        diffs = {"sdlab unpacked": max_diff(unet["sdlab"](), reference)}
         if bf16:
-            diffs["sdlab bf16"] = maxdiff(sdlab_unet_bf16(), reference)
-            diffs["diffusers bf16"] = maxdiff(diffusers_unet_bf16(), reference)
+            diffs["sdlab bf16"] = max_diff(unet["sdlab bf16"](), reference)
+            diffs["diffusers bf16"] = max_diff(unet["diffusers bf16"](), reference)
         return diffs
 
     unet_row = f"U-Net step (2x4x{size}x{size})"
-    row(unet_row, {"sdlab": sdlab_unet, "diffusers": diffusers_unet},
-        lambda: {"sdlab": maxdiff(sdlab_unet(), diffusers_unet())}, packed=[ours["diffusion"]])
-    fns = {"sdlab unpacked": sdlab_unet, "diffusers": diffusers_unet}
+    rows += timed_rows(unet_row, {"sdlab": unet["sdlab"], "diffusers": unet["diffusers"]}, repeat,
+                       lambda: {"sdlab": max_diff(unet["sdlab"](), unet["diffusers"]())}, packed=[ours["diffusion"]])
+    fns = {"sdlab unpacked": unet["sdlab"], "diffusers": unet["diffusers"]}
     if bf16:  # as `generate` runs bf16: autocast, weights not packed
-        fns.update({"sdlab bf16": sdlab_unet_bf16, "diffusers bf16": diffusers_unet_bf16})
-    row(unet_row, fns, unet_check, only=[name for name in fns if name != "diffusers"])
+        fns.update({"sdlab bf16": unet["sdlab bf16"], "diffusers bf16": unet["diffusers bf16"]})
+    rows += timed_rows(unet_row, fns, repeat, unet_check, only=[name for name in fns if name != "diffusers"])
 
-    row(f"VAE decode ({8 * size}x{8 * size})", {
+    rows += timed_rows(f"VAE decode ({8 * size}x{8 * size})", {
         "sdlab": lambda: ours["decoder"](vae_latents),
         "diffusers": lambda: theirs["vae"].decode(vae_latents / 0.18215).sample,
-    }, lambda: {"sdlab": maxdiff(ours["decoder"](vae_latents), theirs["vae"].decode(vae_latents / 0.18215).sample)},
+    }, repeat, lambda: {"sdlab": max_diff(ours["decoder"](vae_latents), theirs["vae"].decode(vae_latents / 0.18215).sample)},
         packed=[ours["decoder"]])
     return rows
 
@@ -264,7 +189,7 @@ def image_child(impl: str, ckpt: str, steps: int, size: int, bf16: bool) -> dict
         models = model_loader.preload_models_from_standard_weights(ckpt, "cpu")
     else:
         models = reference_models(ckpt)
-        pipe = reference_pipeline(models)
+        pipe = reference_pipeline(models, diffusers_scheduler("dpmpp_2m"))
     gc.collect()
     load_s, load_rss = time.perf_counter() - start, peak_rss_gb()
     latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
@@ -326,7 +251,7 @@ def main(argv=None) -> int:
         print(json.dumps(image_child(args._child, args.ckpt, args.steps, args.size, args.bf16)))
         return 0
     if not Path(args.ckpt).exists():
-        raise FileNotFoundError(f"no checkpoint at {args.ckpt}")
+        raise CheckpointNotFoundError(f"--ckpt: no checkpoint at {args.ckpt}; pass an SD1.5-layout .safetensors file")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     bf16 = bf16_supported() and not args.no_bf16
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "bf16": bf16, "components": [], "image": []}

@@ -1,15 +1,8 @@
 r"""The VAE decoder: latents (B, 4, H/8, W/8) -> image (B, 3, H, W) in [-1, 1].
 
-Built from two blocks that the encoder shares:
-
-* `VAE_ResidualBlock`: $y = x + \operatorname{Conv}(\operatorname{SiLU}(\operatorname{GN}(
-  \operatorname{Conv}(\operatorname{SiLU}(\operatorname{GN}(x))))))$, with a 1x1 convolution on the
-  skip path when the width changes.
-* `VAE_AttentionBlock`: single-head self-attention over all $h \cdot w$ pixels, so that every
-  pixel can look at every other one (used once, at the lowest resolution).
-
-The decoder mirrors the encoder: a middle section at 1/8 resolution, then one stage per
-resolution, each doubling the size with nearest-neighbour up-sampling and a 3x3 convolution.
+Built from the blocks that the encoder shares (`sdlab.blocks`: `VAE_ResidualBlock`,
+`VAE_AttentionBlock`). The decoder mirrors the encoder: a middle section at 1/8 resolution, then one
+stage per resolution, each doubling the size with nearest-neighbour up-sampling and a 3x3 convolution.
 """
 
 from __future__ import annotations
@@ -18,78 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import SelfAttention
+# VAE_AttentionBlock and VAE_ResidualBlock are imported from here by the seed's code.
+from .blocks import Upsample, VAE_AttentionBlock, VAE_ResidualBlock, VAEStage, vae_middle
 from .config import VAEConfig
+from .errors import ArgumentError
 
-
-class VAE_AttentionBlock(nn.Module):
-    """Group norm, then single-head self-attention over the pixels, plus the input."""
-
-    def __init__(self, channels: int, n_groups: int = 32, eps: float = 1e-6):
-        super().__init__()
-        self.groupnorm = nn.GroupNorm(n_groups, channels, eps=eps)
-        self.attention = SelfAttention(1, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        y = self.groupnorm(x).view(n, c, h * w).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
-        y = self.attention(y)
-        y = y.transpose(1, 2).reshape(n, c, h, w)  # (B, H*W, C) -> (B, C, H, W)
-        return x + y
-
-
-class VAE_ResidualBlock(nn.Module):
-    """Two (group norm, SiLU, 3x3 conv) steps with a skip connection."""
-
-    def __init__(self, in_channels: int, out_channels: int, n_groups: int = 32, eps: float = 1e-6):
-        super().__init__()
-        self.groupnorm_1 = nn.GroupNorm(n_groups, in_channels, eps=eps)
-        self.conv_1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.groupnorm_2 = nn.GroupNorm(n_groups, out_channels, eps=eps)
-        self.conv_2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        if in_channels == out_channels:
-            self.residual_layer = nn.Identity()
-        else:
-            self.residual_layer = nn.Conv2d(in_channels, out_channels, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_1(F.silu(self.groupnorm_1(x)))
-        h = self.conv_2(F.silu(self.groupnorm_2(h)))
-        return h.add_(self.residual_layer(x))  # in place: one image-sized buffer less at the peak
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x up-sampling followed by a 3x3 convolution."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class VAEStage(nn.Module):
-    """The residual blocks of one resolution, then an optional change of resolution."""
-
-    def __init__(self, blocks: list[nn.Module], resample: nn.Module | None):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.resample = resample if resample is not None else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.resample(x)
-
-
-def vae_middle(channels: int, n_groups: int, eps: float) -> nn.Sequential:
-    """Residual block, attention over all pixels, residual block: the VAE's lowest resolution."""
-    return nn.Sequential(
-        VAE_ResidualBlock(channels, channels, n_groups, eps),
-        VAE_AttentionBlock(channels, n_groups, eps),
-        VAE_ResidualBlock(channels, channels, n_groups, eps),
-    )
+__all__ = ["VAE_Decoder", "VAE_AttentionBlock", "VAE_ResidualBlock", "Upsample"]
 
 
 class VAE_Decoder(nn.Module):
@@ -130,29 +57,13 @@ class VAE_Decoder(nn.Module):
         tile), but close: tests/test_speed.py bounds the difference.
         """
         if not 0 <= overlap < tile_size:
-            raise ValueError(f"overlap must be in [0, tile_size); got overlap={overlap}, tile_size={tile_size}")
+            raise ArgumentError(f"overlap must be in [0, tile_size); got overlap={overlap}, tile_size={tile_size}")
         h, w = latents.shape[-2:]
         if h <= tile_size and w <= tile_size:
             return self(latents)
         f = self.config.downscale
-        stride = tile_size - overlap
-
-        def starts(n):  # tile origins covering [0, n), the last one flush with the edge
-            if n <= tile_size:
-                return [0]
-            origins = list(range(0, n - tile_size, stride)) + [n - tile_size]
-            return sorted(set(origins))
-
-        def ramp(n, lead, trail):  # 1-D blending weights of one tile, in image pixels
-            weight = torch.ones(n, dtype=torch.float32)
-            for i in range(lead):
-                weight[i] = (i + 0.5) / lead
-            for i in range(trail):
-                weight[n - 1 - i] = min(weight[n - 1 - i].item(), (i + 0.5) / trail)
-            return weight
-
         out = weights = None
-        rows, cols = starts(h), starts(w)
+        rows, cols = _tile_starts(h, tile_size, overlap), _tile_starts(w, tile_size, overlap)
         for r, (top, bottom) in zip(rows, _overlaps(rows, tile_size)):
             for c, (left, right) in zip(cols, _overlaps(cols, tile_size)):
                 tile = self(latents[..., r : r + tile_size, c : c + tile_size])  # (B, 3, 8t, 8t)
@@ -161,11 +72,30 @@ class VAE_Decoder(nn.Module):
                     out = torch.zeros(*tile.shape[:2], h * f, w * f, dtype=torch.float32, device=tile.device)
                     weights = torch.zeros(h * f, w * f, dtype=torch.float32, device=tile.device)
                 # Ramp only the sides shared with a neighbour, across exactly the shared pixels.
-                weight = ramp(th, top * f, bottom * f)[:, None] * ramp(tw, left * f, right * f)[None, :]
+                weight = _ramp(th, top * f, bottom * f)[:, None] * _ramp(tw, left * f, right * f)[None, :]
                 weight = weight.to(tile.device)
                 out[..., r * f : r * f + th, c * f : c * f + tw] += tile.float() * weight
                 weights[r * f : r * f + th, c * f : c * f + tw] += weight
         return (out / weights).to(latents.dtype)
+
+
+def _tile_starts(n: int, tile_size: int, overlap: int) -> list[int]:
+    """Tile origins covering [0, n) every `tile_size - overlap`, the last one flush with the edge."""
+    if n <= tile_size:
+        return [0]
+    origins = list(range(0, n - tile_size, tile_size - overlap)) + [n - tile_size]
+    return sorted(set(origins))
+
+
+def _ramp(n: int, lead: int, trail: int) -> torch.Tensor:
+    """1-D blending weights of one tile of `n` image pixels, rising over the first `lead` pixels and
+    falling over the last `trail` (the pixels it shares with its neighbours)."""
+    weight = torch.ones(n, dtype=torch.float32)
+    for i in range(lead):
+        weight[i] = (i + 0.5) / lead
+    for i in range(trail):
+        weight[n - 1 - i] = min(weight[n - 1 - i].item(), (i + 0.5) / trail)
+    return weight
 
 
 def _overlaps(origins: list[int], tile_size: int) -> list[tuple[int, int]]:

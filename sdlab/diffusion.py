@@ -3,7 +3,9 @@ r"""The noise-prediction U-Net $\varepsilon_\theta(z_t, t, c)$ and its time embe
 Given noisy latents $z_t$ (B, 4, h, w), the timestep $t$ and the text context $c$ (B, 77, 768), the
 U-Net predicts the noise that was added. It is a U: an encoder path that halves the resolution
 three times, a bottleneck, and a decoder path that doubles it back, with a *skip connection* from
-every encoder layer to its mirror in the decoder. Two kinds of layer do the work:
+every encoder layer to its mirror in the decoder. (Where halving rounds an odd size up, the decoder
+comes back to the skip connection's size: any latent size works, as in diffusers.)
+Two kinds of layer do the work:
 
 * `UNET_ResidualBlock` mixes in the time: $h = \operatorname{Conv}(\operatorname{SiLU}(\operatorname{GN}(x))) + W_t\,\operatorname{SiLU}(e_t)$.
 * `UNET_AttentionBlock` is a transformer over the latent pixels: self-attention, then
@@ -23,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CrossAttention, SelfAttention
-from .config import UNetConfig
-from .decoder import Upsample
+from .blocks import Downsample, Upsample
+from .config import SamplingDefaults, UNetConfig
 
 
 def get_time_embedding(timestep, dim: int = 320) -> torch.Tensor:
@@ -108,26 +110,18 @@ class UNET_AttentionBlock(nn.Module):
         return self.conv_output(x) + residue_long
 
 
-class Downsample(nn.Module):
-    """A stride-2 3x3 convolution that halves the resolution."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)  # (B, C, H, W) -> (B, C, H/2, W/2)
-
-
 class SwitchSequential(nn.Sequential):
-    """A sequence of layers, each given what it needs: attention the context, residual blocks the time."""
+    """A sequence of layers, each given what it needs: attention the context, residual blocks the
+    time, up-sampling the size to reach (that of the skip connection it meets next, if given)."""
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, time: torch.Tensor, size=None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, UNET_AttentionBlock):
                 x = layer(x, context)
             elif isinstance(layer, UNET_ResidualBlock):
                 x = layer(x, time)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -183,7 +177,9 @@ class UNET(nn.Module):
         x = self.bottleneck(x, context, time)
         for layers in self.decoders:
             x = torch.cat([x, skips.pop()], dim=1)  # concatenate the mirror's output on channels
-            x = layers(x, context, time)
+            # An up-sampling layer goes to the size of the next skip connection: 2x, except where a
+            # stride-2 convolution rounded an odd size up on the way down (17 -> 9 comes back as 9 -> 17).
+            x = layers(x, context, time, skips[-1].shape[-2:] if skips else None)
         return x
 
 
@@ -209,6 +205,7 @@ class Diffusion(nn.Module):
     def __init__(self, config: UNetConfig | None = None):
         super().__init__()
         self.config = config = config or UNetConfig()
+        self.sampling = SamplingDefaults()  # the loader sets the checkpoint's own (config.SDConfig.sampling)
         self.time_embedding = TimeEmbedding(config.time_dim)
         self.unet = UNET(config)
         self.final = UNET_OutputLayer(config.base_channels, config.out_channels, config.n_groups)

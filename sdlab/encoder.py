@@ -13,19 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import Downsample, VAE_ResidualBlock, VAEStage, vae_middle
 from .config import VAEConfig
-from .decoder import VAE_ResidualBlock, VAEStage, vae_middle
-
-
-class Downsample(nn.Module):
-    """A stride-2 3x3 convolution; pads right and bottom only, as the original model does."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H, W) -> (B, C, H/2, W/2)
 
 
 class VAE_Encoder(nn.Module):
@@ -40,7 +29,8 @@ class VAE_Encoder(nn.Module):
         stages, width = [], widths[0]
         for i, out in enumerate(widths):
             blocks = [VAE_ResidualBlock(width if j == 0 else out, out, g, eps) for j in range(config.n_res_blocks)]
-            stages.append(VAEStage(blocks, Downsample(out) if i < len(widths) - 1 else None))
+            resample = Downsample(out, pad="right_bottom") if i < len(widths) - 1 else None
+            stages.append(VAEStage(blocks, resample))
             width = out
         self.down = nn.ModuleList(stages)
         self.mid = vae_middle(width, g, eps)

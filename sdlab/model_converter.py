@@ -11,6 +11,10 @@ thousand literal lines, the mapping is a short list of rules per model, each a p
 * **1x1 convolutions stored for linear layers**: the VAE's attention weights are `[C, C, 1, 1]` in
   the file and `[C, C]` in sdlab; shapes that differ only by trailing 1s are reshaped.
 
+Which models a file holds is data too: `FAMILIES` lists the checkpoint families sdlab recognises
+(its own files with their sizes in the metadata, SD 1.x and the SD 1.x inpainting U-Net) and those it
+refuses with a clear message (SD 2.x, SDXL), each by a key prefix or one tensor's size.
+
 `load_from_standard_weights(path, device)` keeps the seed's API: it returns one state dict per model.
 """
 
@@ -18,8 +22,13 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 
 import torch
+
+from .checkpoint_io import quoted, read_checkpoint
+from .config import SD15, SD15_INPAINTING, SDConfig
+from .errors import CheckpointError
 
 # Which model a key of the original file belongs to: original prefix -> (model, sdlab prefix).
 PREFIXES = {
@@ -117,7 +126,7 @@ MODELS = tuple(RULES)
 _CHUNK = re.compile(r"\[(\d)\]\.")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compile(pattern: str) -> tuple[re.Pattern, str]:
     """A rule pattern as a regex (`{}` captures a number) and as a replacement template."""
     anchored = pattern.startswith("^")
@@ -139,6 +148,7 @@ def rename(key: str, rules, to_sdlab: bool = True) -> str:
     return key
 
 
+@functools.lru_cache(maxsize=8192)
 def split_model(key: str) -> tuple[str, str] | None:
     """An original key -> (model name, key inside that model after renaming), or None if foreign."""
     for prefix, (model, local_prefix) in PREFIXES.items():
@@ -147,12 +157,12 @@ def split_model(key: str) -> tuple[str, str] | None:
     return None
 
 
-def convert(state_dict: dict, expected_shapes: dict | None = None) -> tuple[dict, list[str], list[str]]:
+def convert(state_dict: dict) -> tuple[dict, list[str], list[str]]:
     """Rename an original checkpoint's tensors to sdlab's, per model.
 
     Returns `(models, ignored, unknown)`: `models[name][key]` is a tensor, `ignored` the known keys
-    that no model reads, `unknown` keys that belong to no model. With `expected_shapes`
-    (`{model: {key: shape}}`), 1x1-convolution weights are reshaped to what the model holds.
+    that no model reads, `unknown` keys that belong to no model. The VAE's attention weights, 1x1
+    convolutions `[C, C, 1, 1]` in the file, become sdlab's linear `[C, C]` (`to_standard` undoes it).
     Tensors are popped from `state_dict` as they are converted, so memory is not held twice.
     """
     models: dict[str, dict] = {name: {} for name in MODELS}
@@ -169,30 +179,27 @@ def convert(state_dict: dict, expected_shapes: dict | None = None) -> tuple[dict
             continue
         model, local = found
         tensor = state_dict.pop(key)
+        if _is_vae_attention(model, local) and tensor.ndim == 4 and tensor.shape[2:] == (1, 1):
+            tensor = tensor[:, :, 0, 0]  # (C, C, 1, 1) -> (C, C)
         match = _CHUNK.search(local)
         if match:  # one of q, k, v: gathered, then concatenated into in_proj
             chunks.setdefault((model, _CHUNK.sub(".", local)), {})[int(match.group(1))] = tensor
         else:
             models[model][local] = tensor
-    for (model, local), parts in chunks.items():
-        models[model][local] = torch.cat([parts[i] for i in sorted(parts)], dim=0)
-    if expected_shapes:
-        for model, tensors in models.items():
-            for local, tensor in tensors.items():
-                shape = expected_shapes[model].get(local)
-                if shape is not None and tuple(tensor.shape) != tuple(shape) and _squeezable(tensor.shape, shape):
-                    tensors[local] = tensor.reshape(shape)
+    while chunks:
+        (model, local), parts = chunks.popitem()
+        pieces = [parts[i] for i in sorted(parts)]
+        if len({tuple(p.shape[1:]) for p in pieces}) > 1:
+            shapes = ", ".join(f"{original_key(model, _fused_chunk(local, i))} {tuple(p.shape)}"
+                               for i, p in sorted(parts.items()))
+            raise CheckpointError(f"the q, k and v weights that sdlab fuses into {model}.{local} do not fit together: {shapes}")
+        models[model][local] = torch.cat(pieces, dim=0)
     return models, ignored, unknown
 
 
-def _squeezable(a, b) -> bool:
-    """True when shapes `a` and `b` differ only by trailing 1s (a 1x1 convolution vs a linear layer)."""
-    a, b = list(a), list(b)
-    while len(a) > len(b) and a[-1] == 1:
-        a.pop()
-    while len(b) > len(a) and b[-1] == 1:
-        b.pop()
-    return a == b
+def _is_vae_attention(model: str, local: str) -> bool:
+    """The VAE's mid-block attention: stored as 1x1 convolutions, held by sdlab as linear layers."""
+    return model in ("encoder", "decoder") and local.startswith("mid.1.attention.") and local.endswith(".weight")
 
 
 def join_model(model: str, key: str) -> str:
@@ -202,8 +209,28 @@ def join_model(model: str, key: str) -> str:
     return prefix + key[len(local):]
 
 
+def original_key(model: str, local: str) -> str:
+    """sdlab's key `local` inside `model` -> the original file's key: the inverse of `split_model`.
+
+    One chunk of a fused projection is named `...in_proj[i].weight` (`i` = 0, 1, 2 for q, k, v).
+    """
+    return join_model(model, rename(local, RULES[model], to_sdlab=False))
+
+
+def original_keys(model: str, local: str) -> list[str]:
+    """Like `original_key`, but a fused `in_proj` key gives the three original keys it is made of."""
+    if ".in_proj." not in local:
+        return [original_key(model, local)]
+    return [original_key(model, _fused_chunk(local, i)) for i in range(3)]
+
+
+def _fused_chunk(local: str, i: int) -> str:
+    """`...in_proj.weight` -> the name of its chunk `i` (0, 1, 2 = q, k, v), `...in_proj[i].weight`."""
+    return local.replace(".in_proj.", f".in_proj[{i}].")
+
+
 def to_standard(models: dict) -> dict:
-    """The inverse: `{model name: nn.Module or state dict}` -> one dict with the original keys.
+    """The inverse of `convert`: `{model name: nn.Module or state dict}` -> one dict with the original keys.
 
     Fused `in_proj` weights are split back into q, k, v, and the VAE's attention weights are
     written as 1x1 convolutions `[C, C, 1, 1]`, as in the original file.
@@ -213,24 +240,90 @@ def to_standard(models: dict) -> dict:
         state = module.state_dict() if hasattr(module, "state_dict") else module
         for local, tensor in state.items():
             fused = ".in_proj." in local
-            for i, piece in enumerate(tensor.chunk(3, dim=0) if fused else [tensor]):
-                name = local.replace(".in_proj.", f".in_proj[{i}].") if fused else local
-                key = join_model(model, rename(name, RULES[model], to_sdlab=False))
-                if model in ("encoder", "decoder") and name.startswith("mid.1.attention.") and piece.ndim == 2:
+            for key, piece in zip(original_keys(model, local), tensor.chunk(3, dim=0) if fused else [tensor]):
+                if _is_vae_attention(model, local) and piece.ndim == 2:
                     piece = piece[:, :, None, None]  # (C, C) -> (C, C, 1, 1)
                 out[key] = piece.contiguous()
     return out
 
 
-def load_from_standard_weights(input_file, device="cpu") -> dict:
-    """The seed's entry point: `{"clip", "encoder", "decoder", "diffusion"}` -> state dicts."""
-    from .model_loader import build_models, detect_config, read_checkpoint
+# --- checkpoint families ----------------------------------------------------------------------
 
+CONFIG_METADATA_KEY = "sdlab_config"
+SUPPORTED = "Stable Diffusion v1.x (v1-5-pruned-emaonly and its fp16 / inpainting variants) or an sdlab tiny model"
+CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+CROSS_ATTENTION_K = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kind of checkpoint, recognised by a metadata key, a key prefix, or one tensor's size.
+
+    `shape = (key, dim, size)` matches when that tensor's size along `dim` is `size` (`not_size`:
+    is anything but it). `config` is what sdlab builds for it; `None` means sdlab refuses the family.
+    """
+
+    name: str
+    description: str
+    config: SDConfig | None = None
+    metadata: str | None = None
+    prefix: str | None = None
+    shape: tuple[str, int, int] | None = None
+    not_size: bool = False
+
+    def matches(self, shapes: dict, metadata: dict) -> bool:
+        if self.metadata is not None:
+            return self.metadata in metadata
+        if self.prefix is not None:
+            return any(key.startswith(self.prefix) for key in shapes)
+        key, dim, size = self.shape
+        found = shapes.get(key)
+        return found is not None and len(found) > dim and (found[dim] != size if self.not_size else found[dim] == size)
+
+
+FAMILIES = (
+    Family("sdlab", "an sdlab model (its sizes in the sdlab_config metadata)", metadata=CONFIG_METADATA_KEY),
+    Family("SDXL", "an SDXL checkpoint (conditioner.embedders.* keys)", prefix="conditioner.embedders."),
+    Family("SD2.x", "a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder, cond_stage_model.model.* keys)",
+           prefix="cond_stage_model.model."),
+    Family("SD2.x U-Net", "a checkpoint whose cross-attention reads {size}-wide text embeddings (SD 2.x uses 1024)",
+           shape=(CROSS_ATTENTION_K, 1, 768), not_size=True),
+    Family("SD1.x inpainting", "the SD 1.x inpainting model (9-channel U-Net input)", SD15_INPAINTING,
+           shape=(CONV_IN, 1, 9)),
+    Family("SD1.x", "a Stable Diffusion 1.x checkpoint", SD15, prefix="model.diffusion_model."),
+)
+
+
+def detect_family(tensors: dict, metadata: dict, source: str = "the checkpoint") -> tuple[Family, SDConfig]:
+    """The first family of `FAMILIES` that matches -> (family, the config to build), else an error.
+
+    `tensors` maps each key to something with a `.shape` (a tensor, a `checkpoint_io.TensorInfo`).
+    """
+    shapes = {key: tuple(value.shape) for key, value in tensors.items()}
+    family = next((f for f in FAMILIES if f.matches(shapes, metadata)), None)
+    if family is None:
+        sample = ", ".join(list(shapes)[:5]) or "no tensors at all"
+        raise CheckpointError(f"{source} has no Stable Diffusion U-Net (keys such as {sample}); sdlab supports {SUPPORTED}")
+    if family.metadata is not None:
+        return family, SDConfig.from_json(metadata[family.metadata], source=source)
+    if family.config is None:
+        size = shapes.get(family.shape[0], (0, 0))[family.shape[1]] if family.shape else None
+        raise CheckpointError(f"{source} is {family.description.format(size=size)}; sdlab supports {SUPPORTED}")
+    return family, family.config
+
+
+def detect_config(tensors: dict, metadata: dict, source: str = "the checkpoint") -> SDConfig:
+    """The model sizes: from sdlab's own metadata, else from the family the keys and shapes show."""
+    return detect_family(tensors, metadata, source)[1]
+
+
+def load_from_standard_weights(input_file, device="cpu") -> dict:
+    """The seed's entry point: `{"clip", "encoder", "decoder", "diffusion"}` -> state dicts (no checks
+    of missing keys or shapes: `model_loader.preload_models_from_standard_weights` does those)."""
     state_dict, metadata = read_checkpoint(input_file)
-    with torch.device("meta"):
-        models = build_models(detect_config(state_dict, metadata))
-    expected = {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in models.items()}
-    converted, _, unknown = convert(state_dict, expected)
+    detect_config(state_dict, metadata, source=quoted(input_file))
+    converted, _, unknown = convert(state_dict)
     if unknown:
-        raise ValueError(f"{len(unknown)} keys belong to no Stable Diffusion v1 model, e.g. {unknown[:5]}")
+        raise CheckpointError(f"{len(unknown)} keys of {quoted(input_file)} belong to no Stable Diffusion v1 model, "
+                              f"e.g. {unknown[:5]}")
     return {name: {k: v.to(device) for k, v in tensors.items()} for name, tensors in converted.items()}

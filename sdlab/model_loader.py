@@ -1,148 +1,83 @@
 """Load a Stable Diffusion v1 checkpoint into sdlab's four models, safely and without copies.
 
 `preload_models_from_standard_weights(path, device)` accepts the official files as they are
-distributed: `.safetensors` (read lazily, tensor by tensor) and `.ckpt` (a PyTorch zip file, opened
-with `torch.load(weights_only=True, mmap=True)`: no code in the file is ever run), with the
-tensors at the top level or under `state_dict`, in float32 or float16. The models are first built
-on PyTorch's *meta* device (shapes, no memory) and then take the file's tensors in place, so loading
-the 4.3 GB file needs about 4.3 GB, not twice that.
+distributed: `.safetensors` and `.ckpt` (the PyTorch Lightning files of every SD 1.x release
+included), with the tensors at the top level or under `state_dict`, in float32 or float16. Reading
+is `sdlab.checkpoint_io`'s: nothing in a file ever runs, and what a file declares is checked before
+anything is allocated. The order is:
 
-Every model tensor of the file is consumed and shape-checked. Known extras (the DDPM schedule
-buffers, CLIP's `position_ids`, EMA scalars) are reported as ignored; anything missing or unknown
-is an error that names the keys.
+1. the file's structure (safetensors header, or zip + pickle), then its family and config
+   (`model_converter.FAMILIES`; a 6.9 GB SDXL file is refused from its header alone);
+2. the models built on PyTorch's *meta* device (shapes, no memory), and every key, shape and dtype
+   of the file compared with them;
+3. only then each tensor read, cast, checked to be finite, and handed to the models in place, so
+   loading the 4.3 GB file needs about 4.3 GB, not twice that.
+
+Known extras (the DDPM schedule buffers, CLIP's `position_ids`, EMA scalars) are ignored and never
+read; anything missing or unknown is an error that names the keys.
 """
 
 from __future__ import annotations
 
-import json
+import collections
 import os
-import zipfile
 from pathlib import Path
 
 import torch
 
 from . import model_converter
+from .checkpoint_io import (
+    clean_message,
+    open_checkpoint,
+    pickle_globals,
+    quoted,
+    read_checkpoint,
+)
 from .clip import CLIP
 from .config import SD15, SDConfig
 from .decoder import VAE_Decoder
 from .diffusion import Diffusion
 from .encoder import VAE_Encoder
+from .errors import (
+    ArgumentError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    DeviceError,
+    NumericalError,
+)
+from .model_converter import CONFIG_METADATA_KEY, SUPPORTED
+from .samplers import sampler_names
 
-CONFIG_METADATA_KEY = "sdlab_config"
-SUPPORTED = "Stable Diffusion v1.x (v1-5-pruned-emaonly and its fp16 / inpainting variants) or an sdlab tiny model"
+__all__ = [
+    "CONFIG_METADATA_KEY",
+    "DEFAULT_CHECKPOINT",
+    "SUPPORTED",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "build_models",
+    "describe",
+    "detect_config",
+    "inspect_checkpoint",
+    "load_state_dict",
+    "preload_models_from_standard_weights",
+    "read_checkpoint",
+    "save_checkpoint",
+    "target_dtype",
+]
+
 DEFAULT_CHECKPOINT = Path(__file__).parent / "data" / "tiny.safetensors"
+#: the dtypes a model tensor may have in a file; integer, bool, complex and float8 tensors are refused
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+LOAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-class CheckpointError(ValueError):
-    """The file is not a checkpoint sdlab can load; the message says what was found."""
-
-
-def read_checkpoint(path, cast=None) -> tuple[dict, dict]:
-    """Read a `.safetensors` or `.ckpt` file -> (flat state dict, metadata). Never unpickles code.
-
-    `cast(tensor) -> tensor` is applied to each tensor as it is read (e.g. float16 -> float32), so
-    that a converted copy never sits beside the whole original in memory.
-    """
-    path = Path(os.fspath(path)).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"checkpoint {str(path)!r} does not exist; pass the path of v1-5-pruned-emaonly.safetensors "
-            f"(or .ckpt), or no path to use sdlab's bundled tiny model"
-        )
-    if path.is_dir():
-        raise CheckpointError(f"{str(path)!r} is a directory; pass the checkpoint file inside it")
-    cast = cast or (lambda tensor: tensor)
-    if zipfile.is_zipfile(path):
-        return _read_torch(path, cast)
-    return _read_safetensors(path, cast)
-
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
-def _read_safetensors(path: Path, cast) -> tuple[dict, dict]:
-    """The safetensors format: an 8-byte header length, a JSON header, then the raw tensor bytes.
-
-    Each tensor is read straight into its own buffer (no pickle, no memory map kept alive).
-    """
-    size = path.stat().st_size
-    not_checkpoint = (f"{str(path)!r} is neither a .safetensors file nor a PyTorch .ckpt (zip) file; it may be "
-                      f"truncated, a web page saved instead of the download, or another format")
-    with open(path, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        if not 2 <= header_size <= min(size - 8, 100 << 20):
-            raise CheckpointError(not_checkpoint)
-        try:
-            header = json.loads(f.read(header_size))
-            metadata = header.pop("__metadata__", None) or {}
-            entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-            needed = 8 + header_size + max((info["data_offsets"][1] for _, info in entries), default=0)
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(not_checkpoint) from None
-        if needed > size:
-            raise CheckpointError(
-                f"{str(path)!r} is truncated: its header describes {needed:,} bytes but the file has {size:,}; "
-                f"download it again"
-            )
-        tensors = {}
-        for key, info in entries:
-            if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"tensor {key!r} in {str(path)!r} has unsupported dtype {info['dtype']}")
-            tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
-            begin, end = info["data_offsets"]
-            if end - begin != tensor.numel() * tensor.element_size():
-                raise CheckpointError(f"tensor {key!r} in {str(path)!r} has {end - begin} bytes for shape {info['shape']}")
-            f.seek(8 + header_size + begin)
-            f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
-            tensors[key] = cast(tensor)
-    return tensors, metadata
-
-
-def _read_torch(path: Path, cast) -> tuple[dict, dict]:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # zip errors, unpickling refused, truncated storages
-        raise CheckpointError(
-            f"could not read {str(path)!r} as a PyTorch checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:300]}); it may be truncated or contain objects other than "
-            f"tensors (sdlab only loads with weights_only=True)"
-        ) from None
-    metadata = {}
-    if isinstance(data, dict) and isinstance(data.get(CONFIG_METADATA_KEY), str):
-        metadata[CONFIG_METADATA_KEY] = data.pop(CONFIG_METADATA_KEY)
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CheckpointError(f"{str(path)!r} holds a {type(data).__name__}, not a dictionary of tensors")
-    return {key: cast(data.pop(key)) for key in list(data)}, metadata
-
-
-def detect_config(state_dict: dict, metadata: dict) -> SDConfig:
-    """The model sizes: from sdlab's own metadata, else SD1.x's, after ruling out other families."""
-    if CONFIG_METADATA_KEY in metadata:
-        return SDConfig.from_json(metadata[CONFIG_METADATA_KEY])
-    keys = list(state_dict)
-    found = None
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        found = "an SDXL checkpoint (conditioner.embedders.* keys)"
-    elif any(k.startswith("cond_stage_model.model.") for k in keys):
-        found = "a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder, cond_stage_model.model.* keys)"
-    else:
-        to_k = state_dict.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-        if to_k is not None and to_k.shape[1] != 768:
-            found = f"a checkpoint whose cross-attention reads {to_k.shape[1]}-wide text embeddings (SD 2.x uses 1024)"
-        elif not any(k.startswith("model.diffusion_model.") for k in keys):
-            sample = ", ".join(keys[:5]) or "no tensors at all"
-            found = f"no Stable Diffusion U-Net (keys such as {sample})"
-    if found:
-        raise CheckpointError(f"this file is {found}; sdlab supports {SUPPORTED}")
-    conv_in = state_dict.get("model.diffusion_model.input_blocks.0.0.weight")
-    if conv_in is not None and conv_in.shape[1] != SD15.unet.in_channels:
-        return SDConfig(clip=SD15.clip, vae=SD15.vae, unet=type(SD15.unet)(in_channels=conv_in.shape[1]))
-    return SD15
+def detect_config(tensors: dict, metadata: dict, source: str = "the checkpoint") -> SDConfig:
+    """The model sizes (`model_converter.detect_config`), with the sampler of the config checked too."""
+    config = model_converter.detect_config(tensors, metadata, source)
+    if config.sampling.sampler not in sampler_names():
+        raise CheckpointError(f"the sdlab_config metadata of {source} names the sampler {config.sampling.sampler!r:.40}; "
+                              f"expected one of {', '.join(sampler_names())}")
+    return config
 
 
 def build_models(config: SDConfig = SD15) -> dict:
@@ -155,39 +90,92 @@ def build_models(config: SDConfig = SD15) -> dict:
     }
 
 
-def load_state_dict(state_dict: dict, config: SDConfig, device="cpu", dtype=None, verbose: bool = False) -> dict:
-    """Convert an original-layout state dict and load it into new models, without copying tensors."""
-    with torch.device("meta"):
-        models = build_models(config)
-    expected = {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in models.items()}
-    converted, ignored, unknown = model_converter.convert(state_dict, expected)
-    problems = []
-    if unknown:
-        problems.append(f"{len(unknown)} unexpected keys: {_some(unknown)}")
-    for name, tensors in converted.items():
-        def original(keys):
-            return [model_converter.join_model(name, model_converter.rename(k, model_converter.RULES[name], False)) for k in sorted(keys)]
+def _meta_models(config: SDConfig, source: str) -> dict:
+    try:
+        with torch.device("meta"):
+            return build_models(config)
+    except (ValueError, RuntimeError, TypeError) as error:
+        raise CheckpointError(f"the config of {source} describes models sdlab cannot build ({clean_message(error)})") from None
 
-        missing = set(expected[name]) - set(tensors)
+
+def check_layout(tensors: dict, models: dict, source: str = "the checkpoint") -> list[str]:
+    """Compare what a file declares (key -> anything with `.shape` and `.dtype`) with the models'
+    tensors, before any data is read -> the keys the models read. Missing, unknown, wrongly shaped
+    and non-floating model tensors are named in one error."""
+    expected = {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in models.items()}
+    meta = {key: torch.empty(tuple(value.shape), device="meta") for key, value in tensors.items()}
+    try:
+        converted, ignored, unknown = model_converter.convert(meta)
+    except CheckpointError as error:
+        raise CheckpointError(f"{source}: {error}") from None
+    problems = [f"{len(unknown)} unexpected keys: {_some(unknown)}"] if unknown else []
+    for name, found in converted.items():
+        def original(keys, name=name):
+            return [k for key in sorted(keys) for k in model_converter.original_keys(name, key)]
+
+        missing = set(expected[name]) - set(found)
         if missing:
             problems.append(f"{name}: {len(missing)} missing keys: {_some(original(missing))}")
-        extra = set(tensors) - set(expected[name])
+        extra = set(found) - set(expected[name])
         if extra:
             problems.append(f"{name}: {len(extra)} unexpected keys: {_some(original(extra))}")
-        wrong = [f"{k} {tuple(t.shape)} (expected {expected[name][k]})" for k, t in tensors.items()
+        wrong = [f"{k} {tuple(t.shape)} (expected {expected[name][k]})" for k, t in found.items()
                  if k in expected[name] and tuple(t.shape) != expected[name][k]]
         if wrong:
             problems.append(f"{name}: {len(wrong)} tensors of the wrong shape: {_some(wrong)}")
+    model_keys = [key for key in tensors if key not in ignored and key not in unknown]
+    not_float = [f"{key} ({_dtype_name(tensors[key].dtype)})" for key in model_keys
+                 if _dtype_name(tensors[key].dtype) not in WEIGHT_DTYPES]
+    if not_float:
+        problems.append(f"{len(not_float)} model tensors are not floating point ({'/'.join(WEIGHT_DTYPES)}): {_some(not_float)}")
     if problems:
-        raise CheckpointError("the checkpoint does not match " + SUPPORTED + ":\n  " + "\n  ".join(problems))
-    if verbose and ignored:
-        print(f"ignored {len(ignored)} tensors that no model reads: {_some(ignored)}")
+        raise CheckpointError(f"{source} does not match {SUPPORTED}:\n  " + "\n  ".join(problems))
+    return model_keys
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def load_state_dict(state_dict: dict, config: SDConfig, device="cpu", dtype=None, verbose: bool = False,
+                    source: str = "the checkpoint") -> dict:
+    """Convert an original-layout state dict and load it into new models, without copying tensors."""
+    models = _meta_models(config, source)
+    model_keys = check_layout(state_dict, models, source)
+    if verbose and len(model_keys) < len(state_dict):
+        print(f"ignored {len(state_dict) - len(model_keys)} tensors that no model reads: "
+              f"{_some(k for k in state_dict if k not in model_keys)}")
+    state = {}
+    for key in model_keys:
+        state[key] = _checked(state_dict.pop(key), key, device, dtype, source)
+    return _assign(models, state, config)
+
+
+def _checked(tensor: torch.Tensor, key: str, device, dtype, source: str) -> torch.Tensor:
+    """One tensor on its device and in its dtype, refused if it holds NaN or infinity."""
+    tensor = tensor.to(device=device, dtype=target_dtype(tensor.dtype, device, dtype))
+    if not _all_finite(tensor):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NumericalError(f"tensor {key!r} of {source} holds {bad:,} NaN or infinite values"
+                             f"{' after casting to ' + _dtype_name(tensor.dtype) if dtype is not None else ''}; "
+                             f"the file is damaged (download it again) or was saved from a diverged training run")
+    return tensor
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """No NaN or infinity, checked 4M values at a time (the check's temporary stays small)."""
+    if not tensor.is_contiguous():
+        return bool(torch.isfinite(tensor).all())
+    flat = tensor.view(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
+def _assign(models: dict, state: dict, config: SDConfig) -> dict:
+    converted, _, _ = model_converter.convert(state)
     for name, model in models.items():
-        tensors = converted[name]
-        for key, tensor in tensors.items():
-            tensors[key] = tensor.to(device=device, dtype=target_dtype(tensor.dtype, device, dtype))
-        model.load_state_dict(tensors, strict=True, assign=True)
+        model.load_state_dict(converted[name], strict=True, assign=True)
         model.eval().requires_grad_(False)
+    models["diffusion"].sampling = config.sampling
     return models
 
 
@@ -206,20 +194,57 @@ def _some(items, n: int = 5) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
+def check_device(device) -> torch.device:
+    """`device` as a `torch.device` this torch can use; "meta" and devices it lacks are refused."""
+    if not isinstance(device, (str, torch.device)):
+        raise ArgumentError(f"device must be a string such as 'cpu' or 'cuda', not {type(device).__name__} ({device!r:.40})")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"device {device!r:.40} is not a device name; use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    if device.type == "meta":
+        raise DeviceError("device 'meta' holds no data; load onto 'cpu' or an accelerator")
+    if device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except Exception as error:  # noqa: BLE001 - not compiled in, no driver, index out of range
+            raise DeviceError(f"device {str(device)!r} cannot be used with this PyTorch ({clean_message(error, 160)}); "
+                              f"use 'cpu' or a device it was built for") from None
+    return device
+
+
+def check_dtype(dtype) -> torch.dtype | None:
+    """`None`, a floating `torch.dtype` or its name ("float16") -> the dtype; anything else is refused."""
+    if dtype is None or dtype in LOAD_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in LOAD_DTYPES:
+        return LOAD_DTYPES[dtype.removeprefix("torch.")]
+    raise ArgumentError(f"dtype must be None or one of torch.{', torch.'.join(LOAD_DTYPES)}, not {dtype!r:.40}")
+
+
 def preload_models_from_standard_weights(ckpt_path=None, device="cpu", dtype=None, verbose: bool = False) -> dict:
     """Load a checkpoint -> `{"clip", "encoder", "decoder", "diffusion"}`, ready for inference.
 
     `ckpt_path` is the original `.safetensors` or `.ckpt` file; with no path, sdlab's bundled tiny
     model. `dtype=None` keeps the file's precision, except that float16 becomes float32 on the CPU,
     where half precision is slow; pass `torch.float16`/`torch.bfloat16`/`torch.float32` to choose.
+    The U-Net's `.sampling` holds the settings the model was made for (`config.SamplingDefaults`).
     """
+    device, dtype = check_device(device), check_dtype(dtype)
     if ckpt_path is None:
         if not DEFAULT_CHECKPOINT.exists():
-            raise FileNotFoundError("sdlab's bundled tiny model is not installed; pass a checkpoint path")
+            raise CheckpointNotFoundError("sdlab's bundled tiny model is not installed; pass a checkpoint path")
         ckpt_path = DEFAULT_CHECKPOINT
-    state_dict, metadata = read_checkpoint(ckpt_path, cast=lambda t: t.to(target_dtype(t.dtype, device, dtype)))
-    config = detect_config(state_dict, metadata)
-    return load_state_dict(state_dict, config, device=device, dtype=dtype, verbose=verbose)
+    with open_checkpoint(ckpt_path) as file:
+        source = quoted(file.path)
+        config = detect_config(file.tensors, file.metadata, source)
+        models = _meta_models(config, source)
+        model_keys = check_layout(file.tensors, models, source)
+        if verbose and len(model_keys) < len(file.tensors):
+            print(f"ignored {len(file.tensors) - len(model_keys)} tensors that no model reads: "
+                  f"{_some(k for k in file.tensors if k not in model_keys)}")
+        state = {key: _checked(file.read(key), key, device, dtype, source) for key in model_keys}
+    return _assign(models, state, config)
 
 
 def save_checkpoint(models: dict, path, config: SDConfig | None = None, dtype=None) -> None:
@@ -238,3 +263,55 @@ def describe(models: dict) -> str:
     lines = [f"{name:9s} {sum(p.numel() for p in m.parameters()):>13,d} parameters" for name, m in models.items()]
     return "\n".join(lines)
 
+
+def inspect_checkpoint(path) -> str:
+    """What a checkpoint holds, read without loading it: format, tensors and dtypes, family and config,
+    and for a `.ckpt` every global its pickle refers to (allowed by weights_only, an inert stand-in,
+    or refused). A file sdlab refuses is described as far as it can be, with the reason."""
+    try:
+        with open_checkpoint(path) as file:
+            return "\n".join(_describe_file(file))
+    except CheckpointNotFoundError:
+        raise
+    except CheckpointError as error:
+        if not _is_zip(path):
+            raise
+        lines = [f"file     {quoted(path)}", "format   PyTorch zip (.ckpt)"]
+        lines += _describe_globals(pickle_globals(path))
+        return "\n".join(lines + [f"refused  {error}"])
+
+
+def _is_zip(path) -> bool:
+    try:
+        with open(os.fspath(path), "rb") as handle:
+            return handle.read(4) == b"PK\x03\x04"
+    except (OSError, TypeError):
+        return False
+
+
+def _describe_file(file) -> list[str]:
+    names = {"safetensors": "safetensors", "ckpt": "PyTorch zip (.ckpt)"}
+    dtypes = collections.Counter(info.dtype for info in file.tensors.values())
+    n_values = sum(info.numel for info in file.tensors.values())
+    lines = [f"file     {quoted(file.path)} ({file.path.stat().st_size:,} bytes)", f"format   {names[file.format]}",
+             f"tensors  {len(file.tensors):,} ({n_values:,} values; "
+             + ", ".join(f"{n} {dtype}" for dtype, n in dtypes.most_common()) + ")"]
+    try:
+        family, config = model_converter.detect_family(file.tensors, file.metadata, quoted(file.path))
+        check_layout(file.tensors, _meta_models(config, quoted(file.path)), quoted(file.path))
+        lines.append(f"family   {family.name}: {family.description}")
+        lines.append(f"config   unet in_channels={config.unet.in_channels} base_channels={config.unet.base_channels}, "
+                     f"clip n_layer={config.clip.n_layer} n_embd={config.clip.n_embd}, sampling {config.sampling}")
+        lines.append("loads    yes")
+    except CheckpointError as error:
+        lines.append(f"loads    no: {error}")
+    if file.format == "ckpt":
+        lines += _describe_globals(file.globals)
+        lines += [f"extra    {key} = {value}" for key, value in file.extras.items()]
+    lines += [f"metadata {key} ({len(value):,} characters)" for key, value in file.metadata.items()]
+    return lines
+
+
+def _describe_globals(found: dict) -> list[str]:
+    labels = {"weights_only": "allowed (weights_only)", "stand-in": "inert stand-in", "refused": "REFUSED"}
+    return [f"global   {name}: {labels[status]}" for name, status in sorted(found.items())]

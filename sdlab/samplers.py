@@ -1,6 +1,6 @@
 r"""DDIM, Euler, Euler ancestral and DPM-Solver++(2M): faster samplers for the same U-Net.
 
-All of them are `Sampler`s (see `sdlab.ddpm`) and reproduce the diffusers scheduler of the same
+All of them are `Sampler`s (see `sdlab.schedule`) and reproduce the diffusers scheduler of the same
 name, configured from SD1.5's `scheduler_config.json`, to float32 round-off.
 
 **Noise levels.** The Euler and DPM-Solver samplers think in noise levels rather than timesteps.
@@ -25,7 +25,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .ddpm import DDPMSampler, Sampler, per_sample, spaced_timesteps
+from .ddpm import DDPMSampler
+from .errors import ArgumentError
+from .schedule import Sampler, ancestral_sigmas, per_sample, predict_x0, spaced_timesteps, to_eps
 
 
 def karras_sigmas(sigma_max: float, sigma_min: float, n: int, rho: float = 7.0) -> np.ndarray:
@@ -54,7 +56,7 @@ class DDIMSampler(Sampler):
     def __init__(self, generator=None, *args, eta: float = 0.0, set_alpha_to_one: bool = False, **kwargs):
         """`eta`: how much fresh noise each step injects (0 = deterministic). Other arguments: `Sampler`."""
         if eta < 0:
-            raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
+            raise ArgumentError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}")
         self.eta = eta
         super().__init__(generator, *args, **kwargs)
         # "alpha bar" after the last step: 1 (no noise left) or, as SD1.5 uses it, that of t = 0
@@ -76,10 +78,12 @@ class DDIMSampler(Sampler):
         alpha_bar = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
 
-        x0 = (latents - (1 - alpha_bar) ** 0.5 * model_output) / alpha_bar**0.5
+        alpha, sigma = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+        x0 = predict_x0(model_output, latents, alpha, sigma, self.prediction_type)
+        eps = to_eps(model_output, latents, alpha, sigma, self.prediction_type)
         variance = ((1 - alpha_bar_prev) / (1 - alpha_bar)) * (1 - alpha_bar / alpha_bar_prev)
         std = self.eta * variance**0.5
-        direction = (1 - alpha_bar_prev - std**2) ** 0.5 * model_output  # "direction pointing to x_t"
+        direction = (1 - alpha_bar_prev - std**2) ** 0.5 * eps  # "direction pointing to x_t"
         prev = alpha_bar_prev**0.5 * x0 + direction
 
         self.step_index += 1
@@ -120,7 +124,7 @@ class SigmaSampler(Sampler):
         for t in torch.as_tensor(timesteps).flatten().tolist():
             hits = (self.timesteps == t).nonzero()
             if len(hits) == 0:
-                raise ValueError(f"timestep {t} is not in this sampler's schedule; pass one of sampler.timesteps")
+                raise ArgumentError(f"timestep {t} is not in this sampler's schedule; pass one of sampler.timesteps")
             positions.append(int(hits[0]))
         sigmas = self.sigmas.to(device=like.device, dtype=like.dtype)
         return per_sample(sigmas[positions], like)
@@ -168,7 +172,7 @@ class EulerSampler(SigmaSampler):
         """
         sigma, sigma_next = self._current_sigmas()
         x = latents.to(torch.float32)  # upcast: fp16 round-off would pile up over the steps
-        x0 = x - sigma * model_output
+        x0 = predict_x0(model_output, x, 1.0, sigma, self.prediction_type)  # x~ = x0 + sigma eps
         derivative = (x - x0) / sigma
         x = x + derivative * (sigma_next - sigma)
         self.step_index += 1
@@ -181,18 +185,14 @@ class EulerAncestralSampler(EulerSampler):
     Karras $\sigma$'s of `EulerSampler`)."""
 
     def step(self, timestep, latents: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
-        r"""Split the target noise level $\sigma_{i+1}^2 = \sigma_\downarrow^2 + \sigma_\uparrow^2$ with
-
-        $$\sigma_\uparrow = \sqrt{\frac{\sigma_{i+1}^2 (\sigma_i^2 - \sigma_{i+1}^2)}{\sigma_i^2}},
-        \qquad \sigma_\downarrow = \sqrt{\sigma_{i+1}^2 - \sigma_\uparrow^2},$$
-
-        take the Euler step to $\sigma_\downarrow$ and add $\sigma_\uparrow z$, $z \sim \mathcal{N}(0, I)$.
+        r"""Split the target noise level, $\sigma_{i+1}^2 = \sigma_\downarrow^2 + \sigma_\uparrow^2$
+        (`ancestral_sigmas`), take the Euler step to $\sigma_\downarrow$ and add $\sigma_\uparrow z$,
+        $z \sim \mathcal{N}(0, I)$.
         """
         sigma, sigma_next = self._current_sigmas()
         x = latents.to(torch.float32)
-        x0 = x - sigma * model_output
-        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        x0 = predict_x0(model_output, x, 1.0, sigma, self.prediction_type)
+        sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next)
         derivative = (x - x0) / sigma
         x = x + derivative * (sigma_down - sigma)
         x = x + self._randn(model_output) * sigma_up
@@ -258,7 +258,7 @@ class DPMPP2MSampler(SigmaSampler):
         noise_level_s, noise_level_t = self._current_sigmas()
         alpha_s, sigma_s = self._alpha_sigma(noise_level_s)
         alpha_t, sigma_t = self._alpha_sigma(noise_level_t)
-        x0 = (latents - sigma_s * model_output) / alpha_s
+        x0 = predict_x0(model_output, latents, alpha_s, sigma_s, self.prediction_type)
         x = latents.to(torch.float32)
 
         lambda_s = torch.log(alpha_s) - torch.log(sigma_s)
@@ -298,7 +298,7 @@ def make_sampler(name: str, generator: torch.Generator | None = None, **options)
     """The sampler called `name` (see `sampler_names()`); `options` go to its constructor,
     e.g. `make_sampler("ddim", g, eta=0.5)` or `make_sampler("euler", g, timestep_spacing="trailing")`."""
     if name not in sampler_names():
-        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(sampler_names())}")
+        raise ArgumentError(f"unknown sampler {name!r}; choose one of: {', '.join(sampler_names())}")
     if name.endswith("_karras"):
         name, options = name.removesuffix("_karras"), {**options, "karras_sigmas": True}
     return SAMPLERS[name](generator, **options)

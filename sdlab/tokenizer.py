@@ -21,7 +21,26 @@ tokens.
 
 The merges file `data/bpe_simple_vocab_16e6.txt.gz` is the one OpenAI shipped with CLIP
 (MIT licence). The ids this module gives are the ids of `transformers.CLIPTokenizer`
-(version 5), the tokenizer `diffusers` uses for SD1.5; the tests check this on many prompts.
+(version 5), the tokenizer `diffusers` uses for SD1.5, on **every** string; the tests
+check this on tens of thousands of lines, real and hostile.
+
+**Which Unicode?** Steps 1 and 2 ask Unicode questions (is this a letter? its lower
+case? its NFC form?), and the answers change from one Unicode version to the next. The
+reference answers them with the tables compiled into the Rust `tokenizers` library:
+`\\p{L}`, `\\p{N}` and `\\s` of its regex engine (Oniguruma, Unicode 16.0), Rust's
+`char::to_lowercase` (Unicode 17.0) and an NFC of Unicode 9.0. sdlab reads the same answers
+from `data/clip_unicode.txt`, measured on the reference once (`tests/clip_reference.py`
+writes it, a test checks it), so its ids depend neither on the `regex` package nor on the
+Python version.
+
+**Training-time cleaning (`clean=`).** SD1.5 was trained with transformers 4.19's slow
+tokenizer, which first ran `ftfy.fix_text`, then collapsed whitespace and lower-cased the
+whole string. That changes the ids of curly quotes and apostrophes (a phone's smart
+punctuation), ligatures, fullwidth letters, HTML entities and a final `Σ` (`ς`).
+`CLIPTokenizer(clean="ftfy")` does that cleaning before step 1 (it needs `pip install
+ftfy`); `clean="openai"` is OpenAI's CLIP `basic_clean`, which also unescapes HTML twice.
+The default is **no cleaning**, the tokenizer diffusers and every SD1.5 pipeline use at
+inference, so sdlab's images equal diffusers' for the same prompt.
 
 ```python
 from sdlab.tokenizer import load_tokenizer
@@ -30,6 +49,7 @@ tok = load_tokenizer()
 tok.tokenize("a photo of a cat")  # ['a</w>', 'photo</w>', 'of</w>', 'a</w>', 'cat</w>']
 tok.encode("a photo of a cat")    # [320, 1125, 539, 320, 2368]
 tok(["a photo of a cat"], padding="max_length", max_length=77, truncation=True).input_ids
+load_tokenizer(clean="ftfy").tokenize("don’t")  # ["don't</w>"]; without cleaning 3 tokens
 ```
 """
 
@@ -37,33 +57,219 @@ from __future__ import annotations
 
 import functools
 import gzip
+import heapq
+import html
 import json
-import unicodedata
+import re
 import warnings
+from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
+from itertools import pairwise
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
-import regex  # like `re`, but knows Unicode classes such as \p{L} (letters)
+from .errors import ArgumentError
 
 DEFAULT_MERGES_PATH = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+UNICODE_TABLES_PATH = Path(__file__).parent / "data" / "clip_unicode.txt"
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 END_OF_WORD = "</w>"
 MODEL_MAX_LENGTH = 77  # positions of the CLIP text encoder
 N_MERGES = 49152 - 256 - 2  # CLIP keeps only the first 48,894 merges of the file
+SHOWN_DROPPED = 200  # at most this many dropped tokens are shown in the truncation warning
+CACHE_SIZE = 100_000  # words kept in a tokenizer's BPE cache before it starts afresh
+SPECIAL_TOKENS = re.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
+SURROGATE = re.compile("[\ud800-\udfff]")
+HANGUL_FIRST, HANGUL_LAST = 0xAC00, 0xD7A3  # the precomposed Hangul syllables
 
-# Step 2: the pre-tokenizer. Alternatives are tried left to right, so "it's" gives "it"
-# and "'s", and "'sun" gives "'s" and "un" (a quirk of CLIP, kept for identical ids).
-# Each digit is a word of its own: "2024" is four tokens. `\s` here is Unicode white
-# space; the `regex` module agrees with the Rust library behind transformers on it, while
-# Python's `re` would also count the control characters \x1c-\x1f as space.
-WORD_PATTERN = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+"""
-)
-WHITESPACE = regex.compile(r"\s+")
-SPECIAL_TOKENS = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
 
+# ------------------------------------------------------------------ the Unicode tables
+
+
+class UnicodeData(NamedTuple):
+    """What steps 1 and 2 need, built from `data/clip_unicode.txt` (see `unicode_data`)."""
+
+    word: re.Pattern  # the pre-tokenizer (step 2)
+    whitespace: re.Pattern  # a run of white space
+    lower: dict[int, str]  # for str.translate: code point -> its lower case
+    ccc: dict[str, int]  # non-zero canonical combining classes
+    decompose: dict[str, str]  # full canonical decompositions (not Hangul)
+    compose: dict[tuple[str, str], str]  # pairs -> primary composite
+    nfc_sensitive: re.Pattern  # a stretch of text NFC might change (with the character before)
+
+
+def read_unicode_tables(path: str | Path = UNICODE_TABLES_PATH) -> dict[str, list[list[int]]]:
+    """`data/clip_unicode.txt` as {section: rows of code points}; lines are hexadecimal
+    numbers, sections start with `@name` (`@letter`, `@number`, `@space`, `@lower`, `@ccc`,
+    `@decompose`, `@compose`; the header of the file says what each row means)."""
+    sections: dict[str, list[list[int]]] = {}
+    rows: list[list[int]] = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.startswith("@"):
+            rows = sections.setdefault(line[1:], [])
+        elif line and not line.startswith("#"):
+            rows.append([int(field, 16) for field in line.split()])
+    return sections
+
+
+def char_class(ranges: Iterable[Iterable[int]]) -> str:
+    """Inclusive code point ranges -> the inside of a `re` character class (`\\U...` escapes,
+    so no character is special and no Unicode property of Python's `re` is involved)."""
+    return "".join(f"\\U{first:08X}-\\U{last:08X}" for first, last in ranges)
+
+
+@functools.lru_cache(maxsize=1)
+def unicode_data() -> UnicodeData:
+    """Build the pre-tokenizer, the lower-case table and the NFC tables from the shipped file.
+
+    The pre-tokenizer is transformers' (and OpenAI's) pattern, with `\\p{L}`, `\\p{N}`, `\\s`
+    spelled out as the ranges of the file:
+    `<|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|[L]+|[N]|[^ S L N]+`.
+    Alternatives are tried left to right, so "it's" gives "it" and "'s", and "'sun" gives "'s"
+    and "un" (a quirk of CLIP, kept for identical ids). Each digit is a word of its own:
+    "2024" is four tokens.
+    """
+    t = read_unicode_tables()
+    letter, number, space = (char_class(t[name]) for name in ("letter", "number", "space"))
+    word = re.compile(rf"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[{letter}]+|[{number}]"
+                      rf"|[^{space}{letter}{number}]+")
+    ccc = {chr(c): value for first, last, value in t["ccc"] for c in range(first, last + 1)}
+    decompose = {chr(c): "".join(map(chr, parts)) for c, *parts in t["decompose"]}
+    compose = {(chr(a), chr(b)): chr(c) for a, b, c in t["compose"]}
+    # A character is NFC-sensitive when NFC may change it or what is before it: a non-starter,
+    # a character that takes part in a composition as the second one (Hangul vowels and final
+    # consonants included), or one that NFC does not leave alone. Anything else is a starter
+    # that stays as it is, so NFC can be done stretch by stretch.
+    seconds = {b for _, b in compose} | set(map(chr, range(0x1161, 0x1176))) | set(map(chr, range(0x11A8, 0x11C3)))
+    unstable = {c for c, d in decompose.items() if compose.get((d[0], d[1:2])) != c or d[0] in seconds or d[0] in ccc}
+    sensitive = sorted(map(ord, set(ccc) | seconds | unstable))
+    runs = _ranges(sensitive)
+    return UnicodeData(word=word, whitespace=re.compile(f"[{space}]+"),
+                       lower={c: "".join(map(chr, to)) for c, *to in t["lower"]},
+                       ccc=ccc, decompose=decompose, compose=compose,
+                       nfc_sensitive=re.compile(f"(?s).?[{char_class(runs)}]+"))
+
+
+def _ranges(sorted_code_points: list[int]) -> list[tuple[int, int]]:
+    runs: list[list[int]] = []
+    for c in sorted_code_points:
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return [(a, b) for a, b in runs]
+
+
+# ------------------------------------------------------------------ step 1: normalize
+
+
+def nfc(text: str) -> str:
+    """Unicode NFC with the reference's tables (Unicode 9.0): canonical decomposition,
+    canonical ordering of combining marks, canonical composition (UAX #15).
+
+    Only the stretches that NFC may change are worked on (most text has none), each with the
+    character before it, which is where a composition can start."""
+    if text.isascii():
+        return text
+    data = unicode_data()
+    return data.nfc_sensitive.sub(lambda m: _nfc_stretch(m.group(), data), text)
+
+
+def _decompose(text: str, data: UnicodeData) -> list[str]:
+    """Full canonical decomposition, then marks sorted by class within each run of them."""
+    chars: list[str] = []
+    for ch in text:
+        code = ord(ch)
+        if HANGUL_FIRST <= code <= HANGUL_LAST:  # syllable = 0xAC00 + (lead * 21 + vowel) * 28 + trail
+            s = code - HANGUL_FIRST
+            chars += [chr(0x1100 + s // 588), chr(0x1161 + s % 588 // 28)] + ([chr(0x11A7 + s % 28)] if s % 28 else [])
+        else:
+            chars += data.decompose.get(ch, ch)
+    i = 0
+    while i < len(chars):  # canonical ordering: a stable sort of each run of non-starters
+        j = i
+        while j < len(chars) and chars[j] in data.ccc:
+            j += 1
+        if j - i > 1:
+            chars[i:j] = sorted(chars[i:j], key=data.ccc.__getitem__)
+        i = j + 1
+    return chars
+
+
+def _compose_pair(first: str, second: str, data: UnicodeData) -> str | None:
+    """The primary composite of two characters, Hangul by formula, or None."""
+    a, b = ord(first), ord(second)
+    if 0x1100 <= a <= 0x1112 and 0x1161 <= b <= 0x1175:  # lead + vowel
+        return chr(HANGUL_FIRST + ((a - 0x1100) * 21 + b - 0x1161) * 28)
+    if HANGUL_FIRST <= a <= HANGUL_LAST and (a - HANGUL_FIRST) % 28 == 0 and 0x11A8 <= b <= 0x11C2:  # + trail
+        return chr(a + b - 0x11A7)
+    return data.compose.get((first, second))
+
+
+def _nfc_stretch(text: str, data: UnicodeData) -> str:
+    """NFC of a short stretch: decompose, then compose each character with the last starter
+    unless a mark in between has a class of 0 or >= its own (it is "blocked")."""
+    out: list[str] = []
+    starter = -1  # index in `out` of the last starter
+    last_class = None  # class of the last character kept after that starter; None: none kept
+    for ch in _decompose(text, data):
+        cls = data.ccc.get(ch, 0)
+        if starter >= 0 and (last_class is None or 0 < last_class < cls):
+            composite = _compose_pair(out[starter], ch, data)
+            if composite is not None:
+                out[starter] = composite
+                continue
+        if cls == 0:
+            starter, last_class = len(out), None
+        else:
+            last_class = cls
+        out.append(ch)
+    return "".join(out)
+
+
+def lowercase(text: str) -> str:
+    """Lower case **one character at a time**, as Rust's `char::to_lowercase` (so a final "Σ"
+    becomes "σ", not "ς"; "İ" becomes "i" + U+0307)."""
+    return text.lower() if text.isascii() else text.translate(unicode_data().lower)
+
+
+def normalize(text: str) -> str:
+    """Step 1, exactly as `transformers.CLIPTokenizer` (v5) normalizes text.
+
+    - Unicode NFC, so "e" + combining accent and the single character "é" are the same;
+    - every run of white space (spaces, tabs, newlines, no-break spaces...) becomes " ";
+      the control characters \\x1c-\\x1f are not white space here (Python's `str.split`
+      would say they are);
+    - lower case, one character at a time (see `lowercase`).
+
+    Unlike OpenAI's original code there is no `ftfy` repair and no HTML unescaping (unless
+    the tokenizer was made with `clean=`): `&amp;` stays the three tokens `&`, `amp`, `;`.
+    """
+    return lowercase(unicode_data().whitespace.sub(" ", nfc(text)))
+
+
+def clean_ftfy(text: str) -> str:
+    """SD1.5's training-time cleaning (transformers 4.19's slow tokenizer with ftfy):
+    `ftfy.fix_text`, whitespace runs -> " ", strip, then `str.lower` of the whole string."""
+    import ftfy
+
+    return unicode_data().whitespace.sub(" ", ftfy.fix_text(text)).strip().lower()
+
+
+def clean_openai(text: str) -> str:
+    """OpenAI's CLIP `simple_tokenizer`: like `clean_ftfy`, with `html.unescape` twice after ftfy."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return unicode_data().whitespace.sub(" ", text).strip().lower()
+
+
+CLEANERS: dict[str | None, Callable[[str], str] | None] = {None: None, "ftfy": clean_ftfy, "openai": clean_openai}
+
+
+# -------------------------------------------------------------- step 2: pre-tokenize
 
 @functools.lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
@@ -84,10 +290,14 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
+_BYTE_ALPHABET: dict[int, str] = {}
+
+
 def byte_encode(word: str) -> str:
     """Write `word` as UTF-8 bytes, one printable character per byte (`"é"` -> `"Ã©"`)."""
-    table = bytes_to_unicode()
-    return "".join(table[b] for b in word.encode("utf-8"))
+    if not _BYTE_ALPHABET:
+        _BYTE_ALPHABET.update(bytes_to_unicode())  # byte b (as the latin-1 character chr(b)) -> its character
+    return word.encode("utf-8").decode("latin-1").translate(_BYTE_ALPHABET)
 
 
 def byte_decode(text: str) -> str:
@@ -96,28 +306,13 @@ def byte_decode(text: str) -> str:
     return bytes(table[c] for c in text).decode("utf-8", errors="replace")
 
 
-def normalize(text: str) -> str:
-    """Step 1, exactly as `transformers.CLIPTokenizer` (v5) normalizes text.
-
-    - Unicode NFC, so "e" + combining accent and the single character "é" are the same;
-    - every run of white space (spaces, tabs, newlines, no-break spaces...) becomes " ";
-    - lower case, **one character at a time** (so a final "Σ" becomes "σ", not "ς").
-
-    Unlike OpenAI's original code there is no `ftfy` repair and no HTML unescaping:
-    `&amp;` stays the three tokens `&`, `amp`, `;`.
-    """
-    text = unicodedata.normalize("NFC", text)
-    text = WHITESPACE.sub(" ", text)
-    return "".join(ch.lower() for ch in text)
-
-
 def pre_tokenize(text: str) -> list[str]:
     """Step 2: cut normalized text into words, returned in the byte alphabet.
 
     `pre_tokenize("café, 2 cats")` -> `['cafÃ©', ',', '2', 'cats']`.
     """
     words = []
-    for word in WORD_PATTERN.findall(text):
+    for word in unicode_data().word.findall(text):
         if word in (BOS, EOS):
             # Only reached by "<|ENDOFTEXT|>" typed in another case and lowered by step 1
             # (the exact strings were already taken out as special tokens). transformers
@@ -126,6 +321,19 @@ def pre_tokenize(text: str) -> list[str]:
         else:
             words.append(word)
     return [byte_encode(word) for word in words]
+
+
+def check_prompt(text, where: str = "prompt") -> str:
+    """`text` itself if it is a string the tokenizer can read; else an `ArgumentError` naming it."""
+    if not isinstance(text, str):
+        fix = "decode it first: prompt.decode('utf-8')" if isinstance(text, (bytes, bytearray)) else "pass a str"
+        raise ArgumentError(f"{where} must be a str, not {type(text).__name__} ({text!r:.60}); {fix}")
+    bad = None if text.isascii() else SURROGATE.search(text)
+    if bad is not None:
+        raise ArgumentError(f"{where} contains a lone surrogate U+{ord(bad.group()):04X} at index {bad.start()}, "
+                            "which is not a character and has no UTF-8 form (text decoded with "
+                            "errors='surrogateescape'?); decode the bytes with errors='replace'")
+    return text
 
 
 class BPEStep(NamedTuple):
@@ -153,7 +361,9 @@ class CLIPTokenizer:
 
     - `vocab`: dict token -> id (49,408 entries); `merges`: list of pairs, best first;
     - `bos_token_id` = 49406, `eos_token_id` = `pad_token_id` = 49407;
-    - `model_max_length` = 77.
+    - `model_max_length` = 77;
+    - `clean`: None (default), `"ftfy"` or `"openai"`: the text cleaning done before step 1
+      (see the module's docstring).
     """
 
     def __init__(
@@ -163,9 +373,12 @@ class CLIPTokenizer:
         *,
         merges: list[tuple[str, str]] | None = None,
         model_max_length: int = MODEL_MAX_LENGTH,
+        clean: str | None = None,
     ):
         """`CLIPTokenizer()` uses the merges packaged with sdlab; `CLIPTokenizer("vocab.json",
         merges_file="merges.txt")` reads Hugging Face files, as the seed's code does."""
+        self.clean = clean
+        self.cleaner = _cleaner(clean)
         if merges is None:
             merges = read_merges(merges_file)
         # The vocabulary is built in a fixed order, so ids are the same as OpenAI's:
@@ -242,10 +455,45 @@ class CLIPTokenizer:
         return steps
 
     def bpe(self, word: str) -> tuple[str, ...]:
-        """The final BPE pieces of one word (byte alphabet), cached: prompts repeat words."""
-        if word not in self.cache:
-            self.cache[word] = self.bpe_steps(word)[-1].pieces
-        return self.cache[word]
+        """The final BPE pieces of one word (byte alphabet), cached: prompts repeat words.
+
+        Same result as `bpe_steps(word)[-1].pieces`, found the way the Rust `tokenizers`
+        library does it: a heap of the neighbouring pairs by (rank, position), so a word of
+        n bytes costs O(n log n) instead of O(n²) (a 10,000-character Chinese paragraph is one
+        word). `bpe_steps` merges every occurrence of the best pair at once, the heap one
+        occurrence at a time from the left; with CLIP's merges, where a merge never uses a
+        token made by a later merge, both orders end in the same pieces (the tests check it).
+        """
+        pieces = self.cache.get(word)
+        if pieces is None:
+            pieces = self.cache[word] = self._merge(word)
+            if len(self.cache) > CACHE_SIZE:
+                self.cache.clear()
+        return pieces
+
+    def _merge(self, word: str) -> tuple[str, ...]:
+        symbols: list[str | None] = [*word[:-1], word[-1] + END_OF_WORD]
+        ranks = self.ranks
+        after = [*range(1, len(symbols)), -1]  # index of the next live symbol, -1 at the end
+        before = list(range(-1, len(symbols) - 1))
+        heap = [(ranks[pair], i) for i, pair in enumerate(pairwise(symbols)) if pair in ranks]
+        heapq.heapify(heap)
+        while heap:
+            rank, i = heapq.heappop(heap)
+            j = after[i]
+            if symbols[i] is None or j < 0 or ranks.get((symbols[i], symbols[j])) != rank:
+                continue  # stale: one of the two was merged into something else meanwhile
+            symbols[i] += symbols[j]
+            symbols[j] = None
+            after[i] = k = after[j]
+            if k >= 0:
+                before[k] = i
+                if (symbols[i], symbols[k]) in ranks:
+                    heapq.heappush(heap, (ranks[symbols[i], symbols[k]], i))
+            h = before[i]
+            if h >= 0 and (symbols[h], symbols[i]) in ranks:
+                heapq.heappush(heap, (ranks[symbols[h], symbols[i]], h))
+        return tuple(s for s in symbols if s is not None)
 
     # ---------------------------------------------------------- text <-> tokens/ids
 
@@ -253,26 +501,27 @@ class CLIPTokenizer:
         """The BPE pieces of `text` (no BOS/EOS), e.g. `['a</w>', 'photo</w>']`.
 
         The strings `<|startoftext|>` and `<|endoftext|>` typed in the prompt (exact case)
-        are kept as the special tokens, as transformers does.
+        are kept as the special tokens, as transformers does. With `clean=`, each stretch
+        between them is cleaned first (and one that cleaning turns into such a string counts
+        as that token too, as in transformers 4.19). Anything but a `str` without lone
+        surrogates raises an `ArgumentError` naming `prompt`.
         """
-        tokens = []
-        for part in SPECIAL_TOKENS.split(text):
+        parts = SPECIAL_TOKENS.split(check_prompt(text))
+        if self.cleaner is not None:
+            parts = [bit for part in parts for bit in ([part] if part in (BOS, EOS) else
+                                                       SPECIAL_TOKENS.split(self.cleaner(part)))]
+        tokens: list[str] = []
+        for part in parts:
             if part in (BOS, EOS):
                 tokens.append(part)
-                continue
-            for word in pre_tokenize(normalize(part)):
-                tokens.extend(self.bpe(word))
+            else:
+                for word in pre_tokenize(normalize(part)):
+                    tokens.extend(self.bpe(word))
         return tokens
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, **without** BOS/EOS and without any length limit."""
         return [self.vocab[token] for token in self.tokenize(text)]
-
-    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
-        return [self.id_to_token[int(i)] for i in ids]
-
-    def convert_tokens_to_ids(self, tokens: Iterable[str]) -> list[int]:
-        return [self.vocab[token] for token in tokens]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Ids back to text: join the pieces, bytes -> UTF-8, each `</w>` becomes a space.
@@ -325,7 +574,7 @@ class CLIPTokenizer:
         0 = padding). Like transformers, a single string gives flat lists, not a batch.
         """
         single = isinstance(text, str)
-        texts = [text] if single else list(text)
+        texts = [text] if single else _prompt_list(text)
         if truncation is None:
             truncation = max_length is not None
         truncation = truncation not in (False, "do_not_truncate")
@@ -342,7 +591,7 @@ class CLIPTokenizer:
                 warnings.warn(
                     f"The prompt is {len(ids) + n_special} tokens long but the text encoder "
                     f"reads at most {max_length}: {len(dropped)} tokens were dropped: "
-                    f"{self.decode(dropped)!r}",
+                    f"{_shorten(self.decode(dropped[:SHOWN_DROPPED]))!r}",
                     UserWarning,
                     stacklevel=2,
                 )
@@ -420,9 +669,41 @@ def read_merges(path: str | Path | None = None) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
 
 
-def load_tokenizer(path: str | Path | None = None) -> CLIPTokenizer:
-    """The SD1.5 / CLIP ViT-L/14 tokenizer, from the merges file packaged with sdlab."""
-    return CLIPTokenizer(merges=read_merges(path))
+def load_tokenizer(path: str | Path | None = None, *, clean: str | None = None) -> CLIPTokenizer:
+    """The SD1.5 / CLIP ViT-L/14 tokenizer, from the merges file packaged with sdlab.
+
+    `clean="ftfy"` gives the ids of SD1.5's training (see the module's docstring)."""
+    _cleaner(clean)  # refuse a wrong `clean` before reading the merges
+    return CLIPTokenizer(merges=read_merges(path), clean=clean)
+
+
+def _cleaner(clean: str | None) -> Callable[[str], str] | None:
+    """The cleaning function for `clean=`, after checking that it exists and can run."""
+    if not isinstance(clean, (str, type(None))) or clean not in CLEANERS:
+        raise ArgumentError(f"clean must be None, 'ftfy' or 'openai', not {clean!r}")
+    if clean is not None:
+        try:
+            import ftfy  # noqa: F401
+        except ImportError:
+            raise ArgumentError(f"clean={clean!r} needs the ftfy package, which is not installed: "
+                                "pip install ftfy (or leave clean=None)") from None
+    return CLEANERS[clean]
+
+
+def _prompt_list(texts) -> list[str]:
+    """A batch of prompts as a list, each checked (`ArgumentError` naming `prompt`)."""
+    if isinstance(texts, (bytes, bytearray, memoryview)):
+        check_prompt(texts)  # raises, with the fix for bytes
+    if isinstance(texts, (Mapping, AbstractSet)) or not isinstance(texts, Iterable):
+        raise ArgumentError(f"prompt must be a str or a list of str, not {type(texts).__name__} ({texts!r:.60})")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        check_prompt(text, where=f"prompt {i} of the batch")
+    return texts
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}…"
 
 
 def vocab_files(directory: str | Path, tokenizer: CLIPTokenizer | None = None) -> tuple[Path, Path, Path]:

@@ -16,7 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from reference import diffusers_conversions, empty_reference_models, random_sd15_state_dict  # noqa: E402
+from reference import random_sd15_state_dict  # noqa: E402
+
+from sdlab.reference import diffusers_conversions, empty_reference_models  # noqa: E402
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
@@ -46,18 +48,26 @@ def sd15_file(sd15_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def sd15_variants(sd15_file, sd15_dir) -> dict[str, Path]:
-    """The same weights as `.ckpt` (under `state_dict`, with the EMA scalars) and as fp16 `.safetensors`."""
+    """The same weights as a `.ckpt` in the PyTorch Lightning 1.4 structure of the official file (under
+    `state_dict`, with the EMA scalars, callbacks keyed by ModelCheckpoint, numpy scalars) and as fp16
+    `.safetensors`."""
     from safetensors.torch import load_file, save_file
 
-    paths = {"safetensors": sd15_file, "ckpt": sd15_dir / "random-v1-5.ckpt", "fp16": sd15_dir / "random-v1-5-fp16.safetensors"}
-    if not (paths["ckpt"].exists() and paths["fp16"].exists()):
+    from checkpoint_files import save_lightning
+
+    paths = {"safetensors": sd15_file, "ckpt": sd15_dir / "random-v1-5-lightning.ckpt",
+             "fp16": sd15_dir / "random-v1-5-fp16.safetensors"}
+    if not paths["fp16"].exists():
         state = load_file(str(sd15_file))
-        half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-        save_file(half, str(paths["fp16"]))
-        del half
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(paths["fp16"]))
+        del state
+        gc.collect()
+    if not paths["ckpt"].exists():
+        state = load_file(str(sd15_file))
         state["model_ema.decay"] = torch.tensor(0.9999)
         state["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
-        torch.save({"state_dict": state, "global_step": 840000}, paths["ckpt"])
+        save_lightning(state, str(paths["ckpt"]) + ".part")
+        os.replace(str(paths["ckpt"]) + ".part", paths["ckpt"])
         del state
         gc.collect()
     return paths

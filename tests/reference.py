@@ -1,9 +1,11 @@
-"""Reference models (diffusers / transformers) and a random checkpoint in the real SD1.5 layout.
+"""A random checkpoint in the real SD1.5 layout, made from the reference libraries' own models.
 
-The random file is made from the reference libraries' own models with their own initialisation
-(which keeps activations O(1)), written under the original keys found through diffusers'
-single-file converter. The reference side then loads that file back through the same converter,
-while sdlab loads it through its own rules: two independent key mappings that must agree.
+The random file is made from the reference models (`sdlab.reference`) with their own
+initialisation (which keeps activations O(1)), written under the original keys found through
+diffusers' single-file converter. The reference side then loads that file back through the same
+converter, while sdlab loads it through its own rules: two independent key mappings that must agree.
+The reference models, configs and pipelines themselves live in `sdlab.reference` (shared with
+`python -m sdlab bench`); the names the tests import from here are re-exported.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ from pathlib import Path
 
 import torch
 
-from sdlab.bench import reference_configs  # the SD1.5 sizes in the reference libraries' terms
+from sdlab.reference import (  # noqa: F401  (re-exported for the tests)
+    SCHEDULER_CONFIG,
+    diffusers_conversions,
+    diffusers_scheduler,
+    empty_reference_models,
+    reference_configs,
+    reference_pipeline,
+    reference_tokenizer,
+)
 
 MANIFEST = Path(__file__).resolve().parents[1].parent / "shared" / "sd15" / "manifest.tsv"
 MANIFEST_EXTRA = MANIFEST.with_name("manifest_extra.tsv")
-SCHEDULER_CONFIG = {
-    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "trained_betas": None,
-}
 SCHEDULE_KEYS = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
@@ -42,29 +47,6 @@ def read_manifest(path=None) -> dict[str, tuple[tuple[int, ...], str]]:
         key, shape, dtype = line.split("\t")
         rows[key] = (tuple(int(s) for s in shape.strip("[]").split(",") if s.strip()), dtype)
     return rows
-
-
-def empty_reference_models():
-    """diffusers' U-Net and VAE and transformers' CLIP text model, SD1.5 sizes, default init."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    clip_config, unet_config, vae_config = reference_configs()
-    return CLIPTextModel(clip_config).eval(), UNet2DConditionModel(**unet_config).eval(), AutoencoderKL(**vae_config).eval()
-
-
-def diffusers_conversions(state_dict, unet, vae):
-    """The original-layout checkpoint -> the reference models' state dicts, by diffusers' converters."""
-    from diffusers.loaders import single_file_utils as sfu
-
-    clip = sfu.convert_ldm_clip_checkpoint(state_dict)
-    # transformers 5's CLIPTextModel names its parameters without the `text_model.` level
-    clip = {k.removeprefix("text_model."): v for k, v in clip.items()}
-    return (
-        clip,
-        sfu.convert_ldm_unet_checkpoint(state_dict, unet.config),
-        sfu.convert_ldm_vae_checkpoint(state_dict, vae.config),
-    )
 
 
 def schedule_buffers() -> dict[str, torch.Tensor]:
@@ -109,30 +91,3 @@ def random_sd15_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     if missing:
         raise AssertionError(f"the random checkpoint lacks {sorted(missing)[:5]}")
     return {k: state[k] for k in manifest}  # file order
-
-
-def reference_tokenizer():
-    """transformers' CLIPTokenizer from the same BPE vocabulary that sdlab ships."""
-    import tempfile
-
-    from transformers import CLIPTokenizer
-
-    from sdlab.tokenizer import vocab_files
-
-    with tempfile.TemporaryDirectory() as directory:
-        vocab_files(directory)
-        return CLIPTokenizer.from_pretrained(directory)
-
-
-def reference_pipeline(reference: dict, scheduler, unet=None, inpaint: bool = False):
-    """diffusers' text-to-image (or inpainting) pipeline around the reference models."""
-    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
-
-    kind = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
-    pipe = kind(
-        vae=reference["vae"], text_encoder=reference["clip"], tokenizer=reference_tokenizer(),
-        unet=unet or reference["unet"], scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

@@ -5,14 +5,7 @@ from __future__ import annotations
 import torch
 
 from sdlab import model_loader
-from sdlab.config import CLIPConfig, SDConfig, UNetConfig, VAEConfig
-
-SMALL = SDConfig(
-    clip=CLIPConfig(n_embd=32, n_head=2, n_layer=2),
-    vae=VAEConfig(base_channels=16, channel_mult=(1, 2, 2, 2), n_res_blocks=1, n_groups=8),
-    unet=UNetConfig(base_channels=32, channel_mult=(1, 2), attention_levels=(True, False), n_res_blocks=1,
-                    n_head=2, d_context=32, n_groups=8, time_dim=32),
-)
+from sdlab.config import SMALL
 
 
 def small_models(seed: int = 0) -> dict:

@@ -1,14 +1,27 @@
-"""The built book works in a real browser, offline.
+"""The built book works in a real browser, offline, on a phone and on a desktop screen.
 
-Opens every chapter of the built HTML (`book/_build/html`, made by
-`python tools/vendor_assets.py && jupyter-book build . -W --path-output book`) in headless
-Chromium and checks that the page renders, its figures load, its math is typeset by the vendored
-MathJax, its stored widgets appear, and that no request leaves the machine.
+Opens every chapter of the built HTML (`book/_build/html`, made by `bash tools/build_book.sh`) in
+headless Chromium at 1280 px and at 390 px (a phone), both from a local web server (127.0.0.1, an
+ephemeral port) and straight from the files (`file://`, as a reader who opens `index.html` does),
+and checks that
 
-Needs Debian's `chromium` (`apt-get install -y chromium`) and Playwright's Python package
-(`pip install playwright`; no `playwright install`: we drive the system browser). The book is
-built first (`tools/build_book.sh`, warnings as errors) when it is missing or older than its
-sources. `SDLAB_BOOK_SCREENSHOTS=dir` saves a screenshot of each page.
+- the page renders: a title, its text, every figure decoded, its math typeset by the vendored
+  MathJax without TeX errors, its stored widgets drawn as live controls;
+- nothing leaves the machine (no request to any other host; Chromium resolves no name at all),
+  no local file is missing, and the console logs no error at all (JavaScript errors included);
+- the page is never wider than the window, and nothing sticks out of the text column unless it
+  scrolls inside its own box (display math, code, wide outputs); widgets' and players' controls
+  are all within the column, with no scrolling needed to reach them;
+- every image has at least 1.5 device pixels per displayed CSS pixel of width (natural width
+  >= 1.5x displayed width), so figures are sharp on today's screens (vector images excepted).
+
+Each page is loaded once per (scheme, width); the three kinds of checks are separate tests that
+share that visit. Two more: `index.html` opened from the disk lands on the first chapter, and every
+chapter's launch buttons (Colab, Binder, JupyterHub once set) open its notebook at `repository.url`. Needs Debian's `chromium` (`apt-get install -y chromium`) and Playwright's Python
+package (`pip install playwright`; no `playwright install`: we drive the system browser). The book
+is built first (`tools/build_book.sh`, warnings as errors) when it is missing or older than its
+sources (`SDLAB_BOOK_HTML=dir` tests a book built there instead, as it is).
+`SDLAB_BOOK_SCREENSHOTS=dir` saves a screenshot of each visit.
 """
 
 from __future__ import annotations
@@ -18,17 +31,33 @@ import http.server
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HTML = ROOT / "book" / "_build" / "html"
+# SDLAB_BOOK_HTML=dir tests a book already built there, as it is (no rebuild)
+PREBUILT = os.environ.get("SDLAB_BOOK_HTML")
+HTML = Path(PREBUILT).resolve() if PREBUILT else ROOT / "book" / "_build" / "html"
 CHROMIUM = os.environ.get("SDLAB_CHROMIUM", "/usr/bin/chromium")
+# no name resolves (127.0.0.1 needs none): even a request the page tried would not leave the machine
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
+VIEWPORTS = {"1280px": {"width": 1280, "height": 900}, "390px": {"width": 390, "height": 844}}
+SCHEMES = ("http", "file")
+SHARPNESS = 1.5  # natural width / displayed width, at least
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+SIDE_BY_SIDE = 3  # pages loading at once (the browser's processes share the machine's cores)
+
+
+def _config() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "_config.yml").read_text())
 
 
 def chapters() -> list[str]:
@@ -46,15 +75,22 @@ def chapters() -> list[str]:
 
 def _sources() -> list[Path]:
     return [ROOT / "_config.yml", ROOT / "_toc.yml", *ROOT.glob("book/*.ipynb"), *ROOT.glob("book/_static/*"),
-            *ROOT.glob("book/_ext/*.py"), *ROOT.glob("sdlab/*.py")]
+            *ROOT.glob("book/_ext/*.py"), *ROOT.glob("sdlab/**/*.py")]
+
+
+def _same_python() -> dict:
+    """The environment for the build script: this Python's `python` and `jupyter-book` first on PATH."""
+    return {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
 
 
 @pytest.fixture(scope="module")
 def built_book() -> Path:
     """The HTML book, built now (`jupyter-book build -W`, vendored JavaScript) unless it is up to date."""
     index = HTML / "index.html"
-    if not index.exists() or max(p.stat().st_mtime for p in _sources()) > index.stat().st_mtime:
-        done = subprocess.run(["bash", str(ROOT / "tools" / "build_book.sh")], capture_output=True, text=True, timeout=1200)
+    stale = not index.exists() or max(p.stat().st_mtime for p in _sources()) > index.stat().st_mtime
+    if stale and not PREBUILT:
+        done = subprocess.run(["bash", str(ROOT / "tools" / "build_book.sh")], env=_same_python(), check=False,
+                              capture_output=True, text=True, timeout=1200)
         assert done.returncode == 0, f"the book did not build:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert index.exists()
     return HTML
@@ -67,6 +103,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server(built_book):
+    """The built book served on 127.0.0.1 at an ephemeral port, stopped after the module's tests."""
     handler = functools.partial(_QuietHandler, directory=str(built_book))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -74,6 +111,7 @@ def server(built_book):
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
+    thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -87,62 +125,218 @@ def browser():
         browser.close()
 
 
-@pytest.mark.parametrize("chapter", chapters())
-def test_chapter_renders_offline(browser, server, chapter):
-    page_path = HTML / f"{chapter}.html"
-    assert page_path.exists(), f"{chapter} is in _toc.yml but was not built"
-    html = page_path.read_text()
+# What a visit measures once everything has rendered. "column" is the article's text column (its
+# content box: the page's margins are not room for content).
+MEASURE = """() => {
+  const article = document.querySelector('article.bd-article');
+  const outer = article.getBoundingClientRect(), style = getComputedStyle(article);
+  const col = {left: outer.left + parseFloat(style.paddingLeft), right: outer.right - parseFloat(style.paddingRight)};
+  const inColumn = r => r.left >= col.left - 1 && r.right <= col.right + 1;
+  const label = el => {
+    const heading = el.closest('section') && el.closest('section').querySelector('h1, h2, h3');
+    const where = heading ? ` in "${heading.textContent.replace(/[#¶]/g, '').trim()}"` : '';
+    const cls = typeof el.className === 'string' && el.className.trim() ? '.' + el.className.trim().split(/\\s+/).slice(0, 3).join('.') : '';
+    return el.tagName.toLowerCase() + cls + where;
+  };
+  const box = r => `${Math.round(r.left)}..${Math.round(r.right)} px (column ${Math.round(col.left)}..${Math.round(col.right)})`;
 
-    outside, failed, errors = [], [], []
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+  // what sticks out of the column without scrolling inside a box of its own that fits the column
+  const sticksOut = [];
+  for (const el of article.querySelectorAll('*')) {
+    const r = el.getBoundingClientRect();
+    if (!r.width || !r.height || inColumn(r) || el.closest('mjx-assistive-mml')) continue;
+    let scroller = el.parentElement;
+    while (scroller !== article && getComputedStyle(scroller).overflowX === 'visible') scroller = scroller.parentElement;
+    const mode = getComputedStyle(scroller).overflowX;
+    if (scroller !== article && (mode === 'auto' || mode === 'scroll') && inColumn(scroller.getBoundingClientRect())) continue;
+    sticksOut.push(`${label(el)}: ${box(r)}` + (scroller !== article ? `, clipped by ${label(scroller)} (overflow ${mode})` : ''));
+  }
+  // every control of a widget or of an animation player is in the column (no scrolling to reach it)
+  const controls = article.querySelectorAll(
+    '.jupyter-widgets input, .jupyter-widgets select, .jupyter-widgets button, .jupyter-widgets .widget-readout, ' +
+    '.jupyter-widgets .slider-container, .animation input, .animation button');
+  const unreachable = [...controls].filter(c => { const r = c.getBoundingClientRect(); return r.width && !inColumn(r); })
+    .map(c => `${label(c)}: ${box(c.getBoundingClientRect())}`);
+  const images = [...article.querySelectorAll('img')].map(i => ({
+    src: i.currentSrc || i.src, label: label(i), natural: i.naturalWidth, shown: i.getBoundingClientRect().width,
+  }));
+  return {
+    scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth,
+    titles: article.querySelectorAll('h1').length, text: article.innerText.length,
+    math: article.querySelectorAll('.math').length, typeset: article.querySelectorAll('mjx-container').length,
+    texErrors: article.querySelectorAll('mjx-merror').length,
+    controls: article.querySelectorAll('.widget-slider, .widget-dropdown, .widget-toggle-buttons, .widget-radio, .widget-play').length,
+    players: article.querySelectorAll('.animation').length,
+    sticksOut: sticksOut.slice(0, 20), unreachable: unreachable.slice(0, 20), images,
+  };
+}"""
 
-    def route(r):
-        host = urlparse(r.request.url).hostname
-        if r.request.url.startswith(("data:", "blob:")) or host == "127.0.0.1":
-            r.continue_()
-        else:
-            outside.append(r.request.url)
-            r.abort()
+# everything the page will draw has been drawn: figures decoded, math typeset, widgets rendered
+SETTLED = """() => {
+  const widgetsDone = [...document.querySelectorAll('script[type="WIDGET_VIEW"]')]
+    .every(s => s.previousElementSibling && s.previousElementSibling.querySelector('.jupyter-widgets'));
+  const mathDone = !document.querySelector('.math') ||
+    !!(window.MathJax && MathJax.startup && MathJax.startup.promise && MathJax.startup.promise.then);
+  const imagesDone = [...document.querySelectorAll('img')].every(i => i.complete);
+  return widgetsDone && mathDone && imagesDone;
+}""".replace("WIDGET_VIEW", WIDGET_VIEW)
 
-    page.route("**/*", route)
-    page.on("requestfailed", lambda r: failed.append(r.url))
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    response = page.goto(f"{server}/{chapter}.html", wait_until="load")
-    assert response is not None and response.ok, f"{chapter}: HTTP {response and response.status}"
 
-    # it renders: a title and the chapter's text
-    assert page.locator("main h1").count() >= 1, f"{chapter}: no title"
-    assert len(page.locator("main").inner_text()) > 500, f"{chapter}: almost no text"
+class _Visit:
+    """One page load: started now, measured by `finish()` (several load side by side meanwhile)."""
 
-    # its figures load (every <img> decoded with a size)
-    images = page.locator("main img")
-    page.wait_for_function("() => [...document.querySelectorAll('main img')].every(i => i.complete)")
-    broken = page.evaluate("() => [...document.querySelectorAll('main img')].filter(i => !i.naturalWidth).map(i => i.src)")
-    assert not broken, f"{chapter}: images that did not load: {broken}"
-    n_images = images.count()
+    def __init__(self, context, url: str):
+        self.outside, self.failed, self.errors = [], [], []
+        self.page = page = context.new_page()
+        page.on("request", self._on_request)
+        page.on("requestfailed", lambda r: self.failed.append(f"{r.url[:120]} ({r.failure})"))
+        page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text[:300]}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
+        self.response = page.goto(url, wait_until="commit")
 
-    # math is typeset by MathJax (no raw TeX left, no TeX errors)
-    n_math = page.locator("main .math").count()
-    if n_math:
-        page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=20000)
-        page.evaluate("() => MathJax.startup.promise")
-        assert page.locator("main mjx-container").count() >= n_math, f"{chapter}: math was not typeset"
-        assert page.locator("main mjx-merror").count() == 0, f"{chapter}: MathJax reported TeX errors"
+    def _on_request(self, request):
+        parsed = urlparse(request.url)
+        if parsed.scheme not in ("data", "blob", "file", "about") and parsed.hostname != "127.0.0.1":
+            self.outside.append(request.url)
 
-    # stored widgets appear as live controls
-    n_views = html.count("application/vnd.jupyter.widget-view+json")
-    if n_views:
-        page.wait_for_selector("main .jupyter-widgets", timeout=20000)
-        assert page.locator("main .widget-slider, main .widget-dropdown, main .widget-toggle-buttons, "
-                            "main .widget-radio, main .widget-play").count() >= 1, f"{chapter}: widgets did not render"
+    def finish(self, shot: Path | None) -> dict:
+        """Wait until the page has drawn everything, measure it, close it."""
+        page = self.page
+        try:
+            page.wait_for_load_state("load", timeout=60000)
+            page.wait_for_function(SETTLED, timeout=30000)
+            if page.evaluate("() => !!document.querySelector('.math')"):
+                page.evaluate("() => MathJax.startup.promise")
+            page.wait_for_function("() => [...document.querySelectorAll('img')].every(i => i.complete)", timeout=20000)
+            page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+            measured = page.evaluate(MEASURE)
+            if shot is not None:
+                page.screenshot(path=str(shot), full_page=False)
+        finally:
+            page.close()
+        status = self.response.status if self.response is not None else None
+        return {**measured, "status": status, "outside": sorted(set(self.outside)), "failed": self.failed, "errors": self.errors}
 
-    if os.environ.get("SDLAB_BOOK_SCREENSHOTS"):
-        out = Path(os.environ["SDLAB_BOOK_SCREENSHOTS"])
-        out.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(out / f"{Path(chapter).name}.png"), full_page=False)
-    page.close()
 
-    assert not outside, f"{chapter}: requests left the machine: {sorted(set(outside))}"
-    assert not [u for u in failed if "127.0.0.1" in u], f"{chapter}: local files failed to load: {failed}"
-    assert not errors, f"{chapter}: JavaScript errors: {errors}"
-    assert n_images or n_math, f"{chapter}: neither figures nor math"
+@pytest.fixture(scope="module")
+def visit(browser, server):
+    """`visit(chapter, scheme, viewport)`: the measurements of one page load, made once and shared by the tests.
+
+    Pages load SIDE_BY_SIDE at a time, in the order the tests ask for them (CASES), each in the
+    browser context of its (scheme, viewport): contexts share a cache, as a reader's tabs would.
+    """
+    cache: dict[tuple[str, str, str], dict] = {}
+    contexts = {}
+    shots = os.environ.get("SDLAB_BOOK_SCREENSHOTS")
+    if shots:
+        Path(shots).mkdir(parents=True, exist_ok=True)
+    order = [tuple(case.values) for case in CASES]
+
+    def context_for(scheme: str, viewport: str):
+        if (scheme, viewport) not in contexts:
+            context = browser.new_context(viewport=VIEWPORTS[viewport])
+            context.add_init_script("localStorage.clear()")  # every page starts as a first visit
+            contexts[scheme, viewport] = context
+        return contexts[scheme, viewport]
+
+    def get(chapter: str, scheme: str, viewport: str) -> dict:
+        key = (chapter, scheme, viewport)
+        if key not in cache:
+            later = order[order.index(key) + 1:] if key in order else []
+            batch = [key, *[k for k in later if k not in cache][:SIDE_BY_SIDE - 1]]
+            started = []
+            for name, how, size in batch:
+                path = HTML / f"{name}.html"
+                assert path.exists(), f"{name} is in _toc.yml but was not built"
+                url = f"{server}/{name}.html" if how == "http" else path.as_uri()
+                started.append(((name, how, size), _Visit(context_for(how, size), url)))
+            for (name, how, size), one in started:
+                shot = Path(shots) / f"{Path(name).name}-{how}-{size}.png" if shots else None
+                cache[name, how, size] = one.finish(shot)
+        return cache[key]
+
+    yield get
+    for context in contexts.values():
+        context.close()
+
+
+CASES = [pytest.param(chapter, scheme, viewport, id=f"{Path(chapter).name}-{scheme}-{viewport}")
+         for chapter in chapters() for scheme in SCHEMES for viewport in VIEWPORTS]
+
+
+@pytest.mark.parametrize(("chapter", "scheme", "viewport"), CASES)
+def test_page_works_offline(visit, chapter, scheme, viewport):
+    seen = visit(chapter, scheme, viewport)
+    where = f"{chapter} ({scheme}, {viewport})"
+    if scheme == "http":
+        assert seen["status"] == 200, f"{where}: HTTP {seen['status']}"
+    assert seen["titles"] >= 1, f"{where}: no title"
+    assert seen["text"] > 500, f"{where}: almost no text"
+    broken = [image["src"][:120] for image in seen["images"] if not image["natural"]]
+    assert not broken, f"{where}: images that did not load: {broken}"
+    if seen["math"]:
+        assert seen["typeset"] >= seen["math"], f"{where}: math was not typeset ({seen['typeset']} of {seen['math']})"
+        assert seen["texErrors"] == 0, f"{where}: MathJax reported TeX errors"
+    if WIDGET_VIEW in (HTML / f"{chapter}.html").read_text():
+        assert seen["controls"] >= 1, f"{where}: the stored widgets did not render"
+    assert seen["images"] or seen["math"], f"{where}: neither figures nor math"
+    assert not seen["outside"], f"{where}: requests for other hosts: {seen['outside']}"
+    assert not seen["failed"], f"{where}: requests that failed: {seen['failed']}"
+    assert not seen["errors"], f"{where}: the console logged errors: {seen['errors']}"
+
+
+@pytest.mark.parametrize(("chapter", "scheme", "viewport"), CASES)
+def test_page_fits_its_viewport(visit, chapter, scheme, viewport):
+    seen = visit(chapter, scheme, viewport)
+    where = f"{chapter} ({scheme}, {viewport})"
+    assert seen["scrollWidth"] <= seen["innerWidth"], \
+        f"{where}: the page is {seen['scrollWidth']} px wide in a {seen['innerWidth']} px window"
+    assert not seen["sticksOut"], f"{where}: outside the text column, and not in a scroll box:\n" + "\n".join(seen["sticksOut"])
+    assert not seen["unreachable"], f"{where}: controls outside the text column:\n" + "\n".join(seen["unreachable"])
+
+
+@pytest.mark.parametrize(("chapter", "scheme", "viewport"), CASES)
+def test_images_are_sharp(visit, chapter, scheme, viewport):
+    seen = visit(chapter, scheme, viewport)
+    soft = []
+    for image in seen["images"]:
+        vector = image["src"].startswith("data:image/svg") or image["src"].endswith(".svg")
+        if image["shown"] == 0 or vector or image["natural"] >= SHARPNESS * image["shown"]:
+            continue
+        name = "" if image["src"].startswith("data:") else Path(urlparse(image["src"]).path).name[:16]
+        soft.append(f"{image['label']}: {image['natural']} px shown {image['shown']:.0f} px wide "
+                    f"({image['natural'] / image['shown']:.2f}x) {name}")
+    assert not soft, f"{chapter} ({scheme}, {viewport}): images under {SHARPNESS}x their displayed width:\n" + "\n".join(soft)
+
+
+def test_index_opens_the_book_from_a_file(browser, built_book):
+    """`book/_build/html/index.html`, opened from the disk as the README says, lands on the introduction."""
+    page = browser.new_page(viewport=VIEWPORTS["1280px"])
+    try:
+        page.goto((built_book / "index.html").as_uri(), wait_until="load")
+        page.wait_for_url(f"**/{chapters()[0]}.html", timeout=10000)
+        assert page.locator("article.bd-article h1").count() >= 1
+    finally:
+        page.close()
+
+
+def test_launch_buttons_point_at_the_repository(built_book):
+    """Every chapter offers Colab and Binder (and JupyterHub once its URL is set), all on `repository.url`."""
+    config = _config()
+    repo_url = config["repository"]["url"].rstrip("/")
+    branch = config["repository"].get("branch", "main")
+    owner_repo = urlparse(repo_url).path.strip("/")
+    launch = config["launch_buttons"]
+    hub = (launch.get("jupyterhub_url") or "").rstrip("/")
+    for chapter in chapters():
+        html = (built_book / f"{chapter}.html").read_text()
+        notebook = f"{chapter}.ipynb"
+        expected = {
+            "Colab": f'{launch["colab_url"].rstrip("/")}/github/{owner_repo}/blob/{branch}/{notebook}',
+            "Binder": f'{launch["binderhub_url"].rstrip("/")}/v2/gh/{owner_repo}/{branch}?urlpath=tree/{notebook}',
+        }
+        if hub:
+            expected["JupyterHub"] = (f"{hub}/hub/user-redirect/git-pull?repo={quote(repo_url, safe='/')}"
+                                      f"&urlpath=tree/{owner_repo.split('/')[-1]}/{notebook}&branch={branch}")
+        for name, url in expected.items():
+            assert f'href="{url}"' in html.replace("&amp;", "&"), f"{chapter}: no {name} launch button for {url}"

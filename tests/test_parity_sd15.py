@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from reference import SCHEDULER_CONFIG, read_manifest, reference_pipeline
+from reference import read_manifest
 from sdlab import model_loader
+from sdlab.reference import SCHEDULER_CONFIG, reference_pipeline
 from sdlab.diffusion import get_time_embedding
 from sdlab.tokenizer import load_tokenizer
 
@@ -94,6 +95,64 @@ def test_unet_matches_diffusers(sdlab_models, reference, tokens, timestep):
     assert theirs.abs().max() > 0.1  # a real signal, not a vanishing output
     print(f"U-Net t={timestep}: max |diff| {max_diff(ours, theirs):.2e} (output std {theirs.std():.2f})")
     assert max_diff(ours, theirs) <= 1e-5
+
+
+# A 520x600 image: a multiple of 8 but not of 64. Its 65x75 latents halve to 33x38, 17x19 and 9x10
+# (stride-2 convolutions round up), so the U-Net's up-sampling must follow the skip connections'
+# sizes (9 -> 17, not 18), as diffusers' does.
+ODD_IMAGE = (520, 600)
+ODD_LATENTS = (65, 75)
+
+
+def test_unet_matches_diffusers_at_520x600(sdlab_models, reference, tokens):
+    torch.manual_seed(520)
+    latents = torch.randn(1, 4, *ODD_LATENTS)
+    with torch.no_grad():
+        context = reference["clip"](tokens[:1]).last_hidden_state
+        ours = sdlab_models["diffusion"](latents, context, get_time_embedding(500))
+        theirs = reference["unet"](latents, 500, encoder_hidden_states=context).sample
+    assert ours.shape == theirs.shape == (1, 4, *ODD_LATENTS)
+    assert theirs.abs().max() > 0.1
+    print(f"U-Net at 520x600 (latents 65x75): max |diff| {max_diff(ours, theirs):.2e} (output std {theirs.std():.2f})")
+    assert max_diff(ours, theirs) <= 1e-5
+
+
+def test_vae_matches_diffusers_at_520x600(sdlab_models, reference):
+    torch.manual_seed(600)
+    image = torch.rand(1, 3, *ODD_IMAGE) * 2 - 1
+    latents = torch.randn(1, 4, *ODD_LATENTS)
+    with torch.no_grad():
+        mean, log_variance = sdlab_models["encoder"].moments(image)
+        dist = reference["vae"].encode(image).latent_dist
+        decoded = sdlab_models["decoder"](latents)
+        decoded_ref = reference["vae"].decode(latents / 0.18215).sample
+    assert mean.shape == dist.mean.shape == (1, 4, *ODD_LATENTS)
+    assert decoded.shape == decoded_ref.shape == (1, 3, *ODD_IMAGE)
+    print(f"VAE at 520x600: max |diff| mean {max_diff(mean, dist.mean):.2e}, logvar {max_diff(log_variance, dist.logvar):.2e}, "
+          f"decoded {max_diff(decoded, decoded_ref):.2e} (decoded std {decoded_ref.std():.2f})")
+    assert max_diff(mean, dist.mean) <= 1e-3 and max_diff(log_variance, dist.logvar) <= 1e-3
+    assert max_diff(decoded, decoded_ref) <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_autocast_stays_finite(sdlab_models, dtype):
+    """The U-Net and the VAE decoder under CPU autocast: finite, and close to float32."""
+    generator = torch.Generator().manual_seed(16)
+    latents, context = torch.randn(1, 4, 32, 32, generator=generator), torch.randn(1, 77, 768, generator=generator)
+    with torch.no_grad():
+        eps = sdlab_models["diffusion"](latents, context, get_time_embedding(999))
+        image = sdlab_models["decoder"](latents)
+        with torch.autocast("cpu", dtype=dtype):
+            eps_half = sdlab_models["diffusion"](latents, context, get_time_embedding(999))
+            image_half = sdlab_models["decoder"](latents)
+    assert torch.isfinite(eps_half).all() and torch.isfinite(image_half).all()
+
+    def relative_rms(a, b):  # root-mean-square difference relative to the float32 output's std
+        return ((a.double() - b.double()).pow(2).mean().sqrt() / b.double().std()).item()
+
+    print(f"{dtype} autocast: U-Net max |diff| {max_diff(eps_half, eps):.2e}, relative rms {relative_rms(eps_half, eps):.2e}; "
+          f"VAE decoder max |diff| {max_diff(image_half, image):.2e}, relative rms {relative_rms(image_half, image):.2e}")
+    assert relative_rms(eps_half, eps) <= 0.05 and relative_rms(image_half, image) <= 0.05
 
 
 def test_ddpm_step_matches_diffusers():

@@ -6,80 +6,31 @@ import warnings
 
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-)
 
 from sdlab.ddpm import DDPMSampler
+from sdlab.errors import ArgumentError
+from sdlab.reference import diffusers_scheduler
 from sdlab.samplers import SAMPLERS, make_sampler, sampler_names
+from sdlab.schedule import PREDICTION_TYPES, ancestral_sigmas, predict_x0, to_eps
 
 # diffusers' own schedulers trip numpy 2's `__array__(copy=...)` deprecation; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*")
 
-SD15_SCHEDULER_CONFIG = {
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
 SHAPE = (2, 4, 8, 8)
 TOL = 1e-5
 
-
-def euler_a_karras(**config):
-    """diffusers' Euler ancestral has no Karras option: give it the Karras sigmas/timesteps of
-    `EulerDiscreteScheduler(use_karras_sigmas=True)`."""
-
-    class EulerAncestralKarras(EulerAncestralDiscreteScheduler):
-        def set_timesteps(self, n, device=None):
-            super().set_timesteps(n)
-            karras = EulerDiscreteScheduler.from_config(self.config, use_karras_sigmas=True)
-            karras.set_timesteps(n)
-            self.sigmas, self.timesteps = karras.sigmas.clone(), karras.timesteps.clone()
-
-    return EulerAncestralKarras.from_config(SD15_SCHEDULER_CONFIG, **config)
-
-
-# sdlab name, sdlab options, diffusers scheduler factory, extra arguments of diffusers' step
+# case -> (sdlab sampler name, its options, extra arguments of diffusers' step); the diffusers
+# scheduler is `diffusers_scheduler(name)` (SD1.5's config; Euler ancestral given Karras sigmas)
 CASES = {
-    "ddpm": ("ddpm", {}, lambda **c: DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG, **c), {"random": True}),
-    "ddim": ("ddim", {}, lambda **c: DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG, **c), {}),
-    "ddim_eta1": (
-        "ddim",
-        {"eta": 1.0},
-        lambda **c: DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG, **c),
-        {"random": True, "eta": 1.0},
-    ),
-    "euler": ("euler", {}, lambda **c: EulerDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG, **c), {}),
-    "euler_karras": (
-        "euler_karras",
-        {},
-        lambda **c: EulerDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG, use_karras_sigmas=True, **c),
-        {},
-    ),
-    "euler_a": (
-        "euler_a",
-        {},
-        lambda **c: EulerAncestralDiscreteScheduler.from_config(SD15_SCHEDULER_CONFIG, **c),
-        {"random": True},
-    ),
-    "euler_a_karras": ("euler_a_karras", {}, euler_a_karras, {"random": True}),
-    "dpmpp_2m": ("dpmpp_2m", {}, lambda **c: DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER_CONFIG, **c), {}),
-    "dpmpp_2m_karras": (
-        "dpmpp_2m_karras",
-        {},
-        lambda **c: DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER_CONFIG, use_karras_sigmas=True, **c),
-        {},
-    ),
+    "ddpm": ("ddpm", {}, {"random": True}),
+    "ddim": ("ddim", {}, {}),
+    "ddim_eta1": ("ddim", {"eta": 1.0}, {"random": True, "eta": 1.0}),
+    "euler": ("euler", {}, {}),
+    "euler_karras": ("euler_karras", {}, {}),
+    "euler_a": ("euler_a", {}, {"random": True}),
+    "euler_a_karras": ("euler_a_karras", {}, {"random": True}),
+    "dpmpp_2m": ("dpmpp_2m", {}, {}),
+    "dpmpp_2m_karras": ("dpmpp_2m_karras", {}, {}),
 }
 
 BASE = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
@@ -93,9 +44,9 @@ def fake_unet(x: torch.Tensor, t) -> torch.Tensor:
 
 def both(case: str, seed: int = 1, **config):
     """(ours, theirs, diffusers step kwargs, generator for theirs) for one test case."""
-    name, options, factory, step_kwargs = CASES[case]
+    name, options, step_kwargs = CASES[case]
     ours = make_sampler(name, torch.Generator().manual_seed(seed), **options, **config)
-    theirs = factory(**config)
+    theirs = diffusers_scheduler(name, **config)
     step_kwargs = dict(step_kwargs)
     generator = torch.Generator().manual_seed(seed)
     if step_kwargs.pop("random", False):
@@ -279,6 +230,8 @@ def test_bad_arguments(name):
         sampler.set_strength(0.01)  # int(50 * 0.01) = 0 steps left
     with pytest.raises(ValueError, match="timestep_spacing"):
         make_sampler(name, None, timestep_spacing="uniform")
+    with pytest.raises(ArgumentError, match="num_inference_steps"):  # all of them sdlab's own ValueError
+        sampler.set_inference_timesteps(0)
 
 
 @pytest.mark.parametrize("name", ["ddpm", "euler", "euler_a_karras", "dpmpp_2m"])
@@ -303,3 +256,68 @@ def test_too_many_leading_steps_is_a_clear_error():
     with pytest.raises(ValueError, match="past the last training step 999"):
         make_sampler("ddpm", torch.Generator()).set_inference_timesteps(1000)
     make_sampler("ddpm", torch.Generator(), timestep_spacing="linspace").set_inference_timesteps(1000)
+
+
+# ----- the shared parameterisation helpers (sdlab.schedule) ----------------------------------
+
+
+@pytest.mark.parametrize("steps", [4, 20])
+@pytest.mark.parametrize("case", list(CASES))
+def test_v_prediction_trajectory_matches_diffusers(case, steps):
+    """The same samplers driven by a v-predicting model: diffusers' `prediction_type="v_prediction"`."""
+    ours, theirs, step_kwargs, _ = both(case, prediction_type="v_prediction")
+    assert ours.prediction_type == theirs.config.prediction_type == "v_prediction"
+    ours.set_inference_timesteps(steps)
+    theirs.set_timesteps(steps)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+    run_both(ours, theirs, step_kwargs, noise * ours.init_noise_sigma, noise * theirs.init_noise_sigma, ours.timesteps)
+
+
+@pytest.mark.parametrize("t", [0, 20, 500, 999])
+def test_predict_x0_and_to_eps_invert_diffusers_velocity(t):
+    """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps and diffusers' v = get_velocity(x0, eps, t): both helpers
+    recover x0 and eps from either prediction, on the U-Net's x_t and on the Euler samplers' x~."""
+    scheduler = diffusers_scheduler("ddpm")
+    x0, eps = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(t))
+    timesteps = torch.tensor([t] * SHAPE[0])
+    x_t = scheduler.add_noise(x0, eps, timesteps)
+    v = scheduler.get_velocity(x0, eps, timesteps)
+    alpha_bar = scheduler.alphas_cumprod[t]
+    alpha, sigma = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+    for output, kind in ((eps, "epsilon"), (v, "v_prediction")):
+        assert (predict_x0(output, x_t, alpha, sigma, kind) - x0).abs().max() <= 1e-4 / alpha
+        assert (to_eps(output, x_t, alpha, sigma, kind) - eps).abs().max() <= 1e-5 / sigma
+    assert to_eps(eps, x_t, alpha, sigma) is eps  # epsilon: the output itself, untouched
+    # The Euler samplers' latents x~ = x_t / alpha = x0 + sigma_t eps (alpha = 1); diffusers' formula
+    # of EulerDiscreteScheduler: x0 = v * (-s / sqrt(s^2 + 1)) + x~ / (s^2 + 1).
+    s = sigma / alpha
+    x_tilde = x_t / alpha
+    euler_x0 = v * (-s / (s**2 + 1) ** 0.5) + x_tilde / (s**2 + 1)
+    assert (predict_x0(v, x_tilde, 1.0, s, "v_prediction") - euler_x0).abs().max() <= 1e-5
+    assert (predict_x0(eps, x_tilde, 1.0, s) - (x_tilde - s * eps)).abs().max() == 0
+
+
+def test_ancestral_sigmas_split_the_target_noise():
+    sigma_from, sigma_to = torch.tensor(14.6), torch.tensor([14.0, 3.0, 0.5, 0.0])
+    sigma_down, sigma_up = ancestral_sigmas(sigma_from, sigma_to)
+    assert torch.allclose(sigma_down**2 + sigma_up**2, sigma_to**2, rtol=1e-5, atol=1e-6)
+    assert (sigma_down <= sigma_to).all() and (sigma_up >= 0).all()
+    assert sigma_down[-1] == sigma_up[-1] == 0  # the last step adds no noise
+    # k-diffusion's get_ancestral_step (eta = 1): sigma_up = sqrt(to^2 (from^2 - to^2) / from^2)
+    assert torch.allclose(sigma_up, sigma_to * (1 - sigma_to**2 / sigma_from**2) ** 0.5)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "euler_a"])
+def test_unknown_prediction_type(name):
+    with pytest.raises(ArgumentError, match="prediction_type") as error:  # sdlab's own, a ValueError
+        make_sampler(name, None, prediction_type="sample")
+    assert all(kind in str(error.value) for kind in PREDICTION_TYPES)
+
+
+def test_seed_names_still_import_from_ddpm():
+    """The seed (and chapter 5) import the base class and the schedule from sdlab.ddpm."""
+    from sdlab import ddpm, schedule
+
+    assert ddpm.Sampler is schedule.Sampler and ddpm.make_betas is schedule.make_betas
+    assert issubclass(DDPMSampler, schedule.Sampler)
+    assert all(issubclass(kind, schedule.Sampler) for kind in SAMPLERS.values())

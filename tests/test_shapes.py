@@ -1,11 +1,11 @@
-"""Tests for the Shapes dataset (`sdlab.shapes`) and its analyzer (`sdlab.analyzer`)."""
+"""Tests for the Shapes dataset (`sdlab.tiny.data`) and its analyzer (`sdlab.tiny.analyzer`)."""
 
 import numpy as np
 import pytest
 import torch
 
-from sdlab import analyzer
-from sdlab.shapes import (
+from sdlab.tiny import analyzer
+from sdlab.tiny.data import (
     COLOURS,
     HELDOUT_COLOUR_SHAPE,
     HELDOUT_SHAPE_POSITION,

@@ -206,3 +206,23 @@ def test_generate_packs_by_default_on_the_cpu(models):
     plain = _generate(models, packed=False)
     packed = _generate(models)
     assert np.abs(packed.astype(int) - plain.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_autocast_stays_finite_on_the_tiny_model(dtype):
+    """The bundled tiny model's U-Net and VAE decoder under CPU autocast: finite, and within 5% (rms,
+    relative to the output's std) of float32. The SD1.5-size check is in test_parity_sd15.py."""
+    from sdlab.model_loader import preload_models_from_standard_weights
+
+    models = preload_models_from_standard_weights()
+    generator = torch.Generator().manual_seed(16)
+    latents = torch.randn(1, 4, 16, 16, generator=generator)
+    context = torch.randn(1, 77, models["diffusion"].config.d_context, generator=generator)
+    with torch.no_grad():
+        expected = models["diffusion"](latents, context, 999), models["decoder"](latents)
+        with torch.autocast("cpu", dtype=dtype):
+            half = models["diffusion"](latents, context, 999), models["decoder"](latents)
+    for ours, reference in zip(half, expected):
+        assert torch.isfinite(ours).all()
+        rms = (ours.double() - reference.double()).pow(2).mean().sqrt() / reference.double().std()
+        assert rms <= 0.05

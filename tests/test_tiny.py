@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from sdlab import analyzer
+from sdlab.config import TINY
+from sdlab.ddpm import DDPMSampler
+from sdlab.errors import ArgumentError
 from sdlab.model_loader import DEFAULT_CHECKPOINT, build_models, preload_models_from_standard_weights, save_checkpoint
 from sdlab.pipeline import generate
+from sdlab.tiny import analyzer
+from sdlab.tiny.evaluate import generate_batch
+from sdlab.tiny.train import TrainSettings, TrainState, diffusion_loss, make_data, train, vae_loss
 from sdlab.tokenizer import load_tokenizer
-from sdlab.train import (
-    TINY,
-    DDPMSampler,
-    diffusion_loss,
-    make_data,
-    train,
-    vae_loss,
-)
 
 # (prompt, seed) pairs of held-out combinations (red square, green triangle, blue circle,
 # circle top right, square bottom left, triangle center) that the shipped model draws correctly.
@@ -152,6 +150,27 @@ def test_train_end_to_end_writes_a_loadable_checkpoint_and_resumes(tmp_path):
             torch.testing.assert_close(tensor, other[key], rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
 
 
+def test_a_state_resumes_only_its_own_run(tmp_path):
+    kwargs = dict(n_images=16, vae_steps=3, vae_batch=2, unet_steps=2, unet_batch=2, progress=False,
+                  log=lambda *a: None)
+    state = tmp_path / "state.pt"
+    assert train(out=None, state_path=state, stop_after=2, **kwargs) is None
+    saved = TrainState.load(state, TINY, seed=0)
+    assert (saved.stage, saved.step, len(saved.history["vae"])) == (1, 2, 2) and saved.optimizer is not None
+    with pytest.raises(ArgumentError, match="another run"):
+        train(out=None, state_path=state, **{**kwargs, "seed": 1})
+
+
+def test_batched_generation_follows_generate(tiny, tokenizer):
+    """`generate_batch` runs `generate`'s stages on many prompts: one prompt gives its image (to rounding)."""
+    prompt = "a large green triangle above a small white circle"
+    for sampler_name in ("dpmpp_2m", "ddim"):
+        single = generate(prompt, models=tiny, seed=7, height=64, width=64, sampler_name=sampler_name,
+                          n_inference_steps=12, cfg_scale=5.0, tokenizer=tokenizer, progress=False)
+        (batched,) = generate_batch(tiny, [prompt], [7], sampler_name, 12, cfg_scale=5.0, tokenizer=tokenizer)
+        assert abs(single.astype(int) - batched).max() <= 1, sampler_name
+
+
 def test_command_line_trains_and_evaluates(tmp_path, capsys):
     from sdlab.__main__ import main
 
@@ -166,13 +185,15 @@ def test_command_line_trains_and_evaluates(tmp_path, capsys):
     assert 0.0 <= figures["heldout"][0]["colour"] <= 1.0 and figures["vae_psnr_db"] > 0
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--help"])
-    assert exit_.value.code == 0 and "--unet-steps" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert exit_.value.code == 0 and all(
+        f"--{setting.name.replace('_', '-')}" in help_text for setting in dataclasses.fields(TrainSettings))
 
 
 def test_heldout_prompt_following_meets_the_goals(tiny):
     """A fresh sample of the evaluation (50 held-out prompts, DPM++ 2M, 20 steps, CFG 5), not the report."""
-    from sdlab.shapes import heldout_prompts
-    from sdlab.train import evaluate_models
+    from sdlab.tiny.data import heldout_prompts
+    from sdlab.tiny.evaluate import evaluate_models
 
     prompts = heldout_prompts(50, seed=123)
     (row,) = evaluate_models(tiny, prompts, list(range(50)), [("dpmpp_2m", 20)], cfg_scale=5.0, log=lambda *a: None)

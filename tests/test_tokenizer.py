@@ -1,16 +1,31 @@
 """Our CLIP tokenizer must give the ids of transformers' CLIPTokenizer (the one diffusers
-uses for SD1.5), built here from the same OpenAI merges file, without the Hub."""
+uses for SD1.5), built here from the same OpenAI merges file, without the Hub, on every string;
+and with `clean="ftfy"` the ids of SD1.5's training-time cleaning."""
 
 from __future__ import annotations
 
-import gzip
+import random
+import re
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from clip_reference import (
+    corpus,
+    openai_clean,
+    real_lines,
+    reference_tokenizer,
+    training_time_clean,
+    unicode_tables_text,
+)
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
-from sdlab.tokenizer import DEFAULT_MERGES_PATH, load_tokenizer, vocab_files
+from sdlab.errors import ArgumentError
+from sdlab.tokenizer import UNICODE_TABLES_PATH, CLIPTokenizer, load_tokenizer, nfc, vocab_files
 
 LONG_PROMPT = (
     "a highly detailed matte painting of a medieval castle on a cliff above a stormy sea, "
@@ -87,25 +102,6 @@ SIMPLE_ASCII = [
 ]
 
 
-def openai_vocab_and_merges():
-    """The vocabulary exactly as OpenAI's CLIP `SimpleTokenizer` builds it (written out
-    again here on purpose, so it checks sdlab's construction instead of reusing it)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    byte_chars = [chr(c) for c in cs]
-    lines = gzip.open(DEFAULT_MERGES_PATH).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
 @pytest.fixture(scope="session")
 def tok():
     return load_tokenizer()
@@ -113,9 +109,7 @@ def tok():
 
 @pytest.fixture(scope="session")
 def ref():
-    # transformers 5 ignores `vocab_file=`: pass the vocabulary and merges themselves.
-    vocab, merges = openai_vocab_and_merges()
-    return HFCLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return reference_tokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -273,3 +267,186 @@ def test_bpe_steps(tok):
         assert "".join(before.pieces) == "".join(after.pieces)
         assert "".join(after.pair) in after.pieces
     assert "tokenizer" in tok.cache  # bpe() caches its result
+
+
+# ------------------------------------------------------------------------ any text at all
+
+
+def reference_ids(ref, lines):
+    return [ref(line, add_special_tokens=False).input_ids for line in lines]
+
+
+def test_unicode_tables_are_measured_on_the_reference():
+    """`sdlab/data/clip_unicode.txt` is exactly what the installed reference gives, code point
+    by code point (classes, lower case, NFC data): regenerate it with
+    `python tests/clip_reference.py` if the reference library changes its tables."""
+    assert UNICODE_TABLES_PATH.read_text(encoding="utf-8") == unicode_tables_text()
+
+
+@pytest.mark.parametrize("seed, n_lines", [(0, 6000), (1, 6000)])
+def test_generated_corpus_matches_transformers(tok, ref, seed, n_lines):
+    """Real text in ~80 languages and its NFD/NFKD/NFKC forms, random code points of all 17
+    planes (unassigned and private use too), combining marks, Hangul jamo, controls,
+    whitespace runs, emoji sequences, contractions, special tokens, long lines."""
+    lines = corpus(n_lines, seed=seed)
+    theirs = reference_ids(ref, lines)
+    mismatches = [(line, ours) for line, ours, want in zip(lines, map(tok.encode, lines), theirs) if ours != want]
+    n_tokens = sum(map(len, theirs))
+    print(f"seed {seed}: {len(lines)} lines, {n_tokens} tokens, {len(mismatches)} mismatches")
+    assert not mismatches, mismatches[:3]
+
+
+def test_next_to_code_points_new_in_recent_unicode(tok, ref):
+    """The cases of the issue: letters for the `regex` package (Unicode 17), punctuation for
+    the reference (Unicode 16), so the end-of-word marker must stay where the reference puts it."""
+    lines = ["+\U0003f58f", "a\u0c5cb", "x\U00011de0y", "\U00011de9+", "1\u0c5c", "\ua7ce", "\ua7cb\u1c89"]
+    assert [tok.tokenize(line) for line in lines] == [ref.tokenize(line) for line in lines]
+    assert tok.tokenize("+\U0003f58f")[0] == "+"
+
+
+def test_long_words_are_fast_and_equal(tok, ref):
+    """BPE costs O(n log n): a 60,000-character word (no spaces, like a Chinese paragraph)."""
+    rng = random.Random(0)
+    word = "".join(chr(rng.choice([*range(0x4E00, 0x4E80), *range(0x61, 0x7B)])) for _ in range(60_000))
+    start = time.perf_counter()
+    ours = tok.encode(word)
+    assert time.perf_counter() - start < 10
+    assert ours == ref(word, add_special_tokens=False).input_ids
+
+
+def test_bpe_equals_bpe_steps(tok):
+    """`bpe` (a heap, one merge at a time) and `bpe_steps` (every occurrence of the best pair at
+    once) agree on every word of a corpus, because of a property of CLIP's merges checked here:
+    no merge uses a token that only a later merge makes."""
+    made_at = {"".join(pair): rank for rank, pair in enumerate(tok.merges)}
+    assert len(made_at) == len(tok.merges)  # each token made by one merge only
+    assert all(made_at.get(part, -1) < rank for rank, pair in enumerate(tok.merges) for part in pair)
+    fresh = load_tokenizer()
+    for line in corpus(1500, seed=2):
+        fresh.encode(line)
+    words = [word for word in fresh.cache if len(word) <= 300]
+    assert len(words) > 5000
+    assert [tok.bpe_steps(word)[-1].pieces for word in words] == [fresh.bpe(word) for word in words]
+
+
+def test_nfc_on_combining_sequences(ref):
+    """NFC as the reference does it (Unicode 9.0 tables), on dense random runs of marks,
+    composition partners and Hangul jamo (U+11A7, the filler below the final consonants, too)."""
+    rng = random.Random(3)
+    marks = [*range(0x300, 0x370), *range(0x591, 0x5C8), 0x93C, 0x94D, 0x9BE, 0x9D7, 0xB3E, 0xB56, 0xB57,
+             0xBBE, 0xBD7, 0xCC2, 0xCD5, 0xCD6, 0xD3E, 0xD57, 0xDCF, 0xDDF, 0x102E, 0x1B35, 0x3099, 0x309A,
+             *range(0x1161, 0x1176), *range(0x11A7, 0x11C3), 0x1AB0, 0x1DF6, 0x0D3B, 0x1E944, 0x11930]
+    bases = ["a", "e", "o", "u", "s", "A", "\u0915", "\u09c7", "\u0b47", "\u0bc6", "\u0cc6", "\u0d46",
+             "\u0dd9", "\u1025", "\u1b05", "\u304b", "\u1100", "\u1112", "\uac00", "\uac01", "\u1e63", "\u00e9",
+             "\u0344", "\u1f00", "\u212b", "\U00011935"]
+    lines = ["".join(rng.choice(bases) + "".join(chr(rng.choice(marks)) for _ in range(rng.randint(0, 4)))
+                     for _ in range(rng.randint(1, 6))) for _ in range(3000)]
+    from tokenizers import normalizers
+
+    reference_nfc = normalizers.NFC()
+    assert [nfc(line) for line in lines] == [reference_nfc.normalize_str(line) for line in lines]
+
+
+def test_ids_do_not_depend_on_regex_or_unicodedata(tok):
+    """Imported with the `regex` package and `unicodedata` unavailable, sdlab gives the same ids."""
+    lines = corpus(300, seed=4)
+    code = ("import sys, json; sys.modules['regex'] = None; sys.modules['unicodedata'] = None\n"
+            "from sdlab.tokenizer import load_tokenizer\n"
+            "tok = load_tokenizer(); lines = json.load(sys.stdin)\n"
+            "print(json.dumps([tok.encode(line) for line in lines]))")
+    import json
+
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(lines), capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parents[1])
+    assert json.loads(out.stdout) == [tok.encode(line) for line in lines]
+
+
+@pytest.mark.parametrize("bad, shown", [
+    ("a cat \ud83d", "U+D83D"), ("\udcff", "U+DCFF"), (b"a cat", "bytes"), (None, "NoneType"), (3, "int"),
+    (["a cat", None], "prompt 1 of the batch"), (["ok", "x\ud800"], "prompt 1 of the batch"),
+])
+def test_hostile_prompts_are_refused_naming_prompt(tok, bad, shown):
+    with pytest.raises(ArgumentError, match="prompt") as info:
+        tok(bad, padding="max_length", max_length=77, truncation=True)
+    assert shown in str(info.value)
+    if isinstance(bad, (str, bytes)) or bad is None:
+        with pytest.raises(ArgumentError, match="prompt"):
+            tok.encode(bad)
+
+
+def test_convert_helpers_are_gone(tok):
+    """They were never used: `tok.vocab[...]` and `tok.id_to_token[...]` are the one way."""
+    assert not hasattr(tok, "convert_ids_to_tokens") and not hasattr(tok, "convert_tokens_to_ids")
+
+
+# -------------------------------------------------------------- training-time cleaning
+
+
+SMART_TEXT = [
+    "don’t stop, we’re “almost” there", "it‘s a dog’s life…", "ﬁne ﬂour and ﬀ ligatures",
+    "ＦＵＬＬＷＩＤＴＨ ｌｅｔｔｅｒｓ １２３", "tom &amp; jerry &lt;3 &quot;quoted&quot; &#39;apos&#39;",
+    "ΟΔΥΣΣΕΥΣ ΚΑΙ ΣΙΣΥΦΟΣ", "naÃ¯ve cafÃ© (mojibake)", "a\u00a0no-break\u2003space", "¼ cup — “best” ever",
+    "«Bonjour» ‹ça va› „Guten Tag“", "&amp;amp; twice", "<b>tags</b> &amp; entities", "ｶﾀｶﾅ and ﾊﾝｶｸ",
+    "line\u2028separator\u2029paragraph", "\x1b[31mred\x1b[0m terminal codes", "A<|endoftext|>B ‘quoted’",
+    "A<|ENDOFTEXT|>B", "ＡＢ＜｜ｅｎｄｏｆｔｅｘｔ｜＞ｃ",
+]
+
+
+def reference_clean_ids(ref, text, clean):
+    """transformers 4.19: cut at the special tokens, clean each stretch, tokenize what is left."""
+    ids = []
+    for part in re.split(r"(<\|startoftext\|>|<\|endoftext\|>)", text):
+        ids += [ref.convert_tokens_to_ids(part)] if part in ("<|startoftext|>", "<|endoftext|>") else \
+            ref(clean(part), add_special_tokens=False).input_ids
+    return ids
+
+
+@pytest.fixture(scope="session")
+def cleaning_sample():
+    rng = random.Random(5)
+    real = real_lines()
+    smart = [line for line in real if re.search("[‘’“”«»„…ﬁﬂＡ-ｚ]|&[a-z#0-9]+;|Σ", line)]
+    return SMART_TEXT + smart + rng.sample(real, 3000)
+
+
+@pytest.mark.parametrize("clean, reference", [("ftfy", training_time_clean), ("openai", openai_clean)])
+def test_cleaning_matches_its_reference(ref, cleaning_sample, clean, reference):
+    tok = load_tokenizer(clean=clean)
+    assert tok.clean == clean
+    ours = [tok.encode(line) for line in cleaning_sample]
+    assert ours == [reference_clean_ids(ref, line, reference) for line in cleaning_sample]
+    plain = load_tokenizer()
+    differ = sum(a != plain.encode(line) for a, line in zip(ours, cleaning_sample))
+    print(f"clean={clean}: {differ} of {len(cleaning_sample)} real-text lines get other ids than without cleaning")
+    assert differ > len(SMART_TEXT) // 2
+
+
+def test_cleaning_examples():
+    tok = load_tokenizer(clean="ftfy")
+    plain = load_tokenizer()
+    assert tok.tokenize("don’t") == ["don</w>", "'t</w>"] != plain.tokenize("don’t")
+    assert tok.encode("ﬁne") == plain.encode("fine") != plain.encode("ﬁne")
+    assert tok.encode("ＡＢＣ") == plain.encode("abc") != plain.encode("ＡＢＣ")
+    assert tok.encode("ΟΔΥΣΣΕΥΣ") == plain.encode("οδυσσευς") != plain.encode("ΟΔΥΣΣΕΥΣ")  # final ς
+    assert tok.encode("tom &amp; jerry") == tok.encode("tom & jerry")
+    assert load_tokenizer(clean="openai").encode("&amp;amp;") == tok.encode("&")
+
+
+def test_default_is_no_cleaning(tok, ref):
+    assert tok.clean is None and load_tokenizer().clean is None
+    assert CLIPTokenizer().encode("don’t &amp;") == ref("don’t &amp;", add_special_tokens=False).input_ids
+
+
+def test_cleaning_without_ftfy_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # import ftfy now raises ImportError
+    with pytest.raises(ArgumentError, match=r"clean='ftfy' needs the ftfy package.*pip install ftfy"):
+        load_tokenizer(clean="ftfy")
+    with pytest.raises(ArgumentError, match="pip install ftfy"):
+        CLIPTokenizer(clean="openai")
+    assert load_tokenizer().encode("a cat") == [320, 2368]
+
+
+@pytest.mark.parametrize("clean", ["FTFY", "nfkc", 1, True])
+def test_unknown_cleaning_is_refused(clean):
+    with pytest.raises(ArgumentError, match="clean must be None, 'ftfy' or 'openai'"):
+        load_tokenizer(clean=clean)

@@ -6,5 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python tools/vendor_assets.py
-rm -rf book/_build  # Sphinx does not always re-copy changed static files on incremental builds
+# Sphinx does not always re-copy changed static files on incremental builds (the PDF, in
+# book/_build/latex, stays)
+rm -rf book/_build/html book/_build/.doctrees
 jupyter-book build . -W -n --keep-going --path-output book

@@ -1,12 +1,20 @@
-"""Write and execute the book's notebooks: `python tools/build_notebooks.py [chapter ...]`.
+"""Write and execute the book's notebooks from the chapter sources (jupytext percent scripts).
 
-With no argument every chapter in `tools/chapters/` is rebuilt. Each notebook is executed with
-`book/` as its working directory, and the wall time of each is printed.
+    python tools/build_notebooks.py [chapter ...]            # execute into book/<chapter>.ipynb
+    python tools/build_notebooks.py --sources-only [chapter ...]
+
+With no chapter every one in `tools/chapters/` is rebuilt. Each notebook is executed with `book/` as
+its working directory (as nbval runs it) by the `python3` kernel, and its wall time is printed.
+The result is refused when an output holds a path of this machine or a cell raised.
+
+`--sources-only` executes nothing: it rewrites the Markdown of the stored notebooks (the embedded
+listings of the package's code, the prose) and keeps their outputs; it refuses a chapter whose
+code cells changed, since those need executing.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import re
 import sys
 import time
@@ -17,30 +25,15 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
-CHAPTERS = Path(__file__).parent / "chapters"
 sys.path.insert(0, str(Path(__file__).parent))
 
-from nbtools import notebook  # noqa: E402
+from nbtools import chapter_names, notebook  # noqa: E402
 
 FORBIDDEN = [str(ROOT), "/root/", "/tmp/"]
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"chapter_{name}", CHAPTERS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.CELLS
-
-
-def build(name: str, execute: bool = True) -> float:
-    nb = notebook(load(name), name)
-    start = time.perf_counter()
-    if execute:
-        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(BOOK)}},
-                       store_widget_state=True, record_timing=False).execute()
-    elapsed = time.perf_counter() - start
-    for i, cell in enumerate(nb.cells):
-        cell.id = f"{name.split('_')[0]}-{i:02d}"  # stable ids: rebuilding gives small diffs
+def checked_text(nb: nbformat.NotebookNode, name: str) -> str:
+    """The notebook as JSON, after refusing machine paths in it and cells that raised."""
     text = nbformat.writes(nb)
     leaks = [p for p in FORBIDDEN if p in text]
     if leaks:
@@ -49,11 +42,56 @@ def build(name: str, execute: bool = True) -> float:
     errors = re.findall(r'"output_type": "error"', text)
     if errors:
         raise SystemExit(f"{name}: {len(errors)} cells raised")
-    (BOOK / f"{name}.ipynb").write_text(text)
+    return text
+
+
+def coalesce_streams(nb: nbformat.NotebookNode) -> None:
+    """One output per run of prints to the same stream, however the kernel happened to split them."""
+    for cell in nb.cells:
+        merged = []
+        for output in cell.get("outputs", []):
+            if merged and output.output_type == "stream" and merged[-1].output_type == "stream" \
+                    and merged[-1].name == output.name:
+                merged[-1].text += output.text
+            else:
+                merged.append(output)
+        if cell.cell_type == "code":
+            cell.outputs = merged
+
+
+def build(name: str) -> float:
+    nb = notebook(name)
+    start = time.perf_counter()
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(BOOK)}},
+                   store_widget_state=True, record_timing=False).execute()
+    elapsed = time.perf_counter() - start
+    coalesce_streams(nb)
+    (BOOK / f"{name}.ipynb").write_text(checked_text(nb, name))
     return elapsed
 
 
+def refresh_sources(name: str) -> None:
+    """Put the chapter's current Markdown into the stored notebook, keeping its outputs."""
+    fresh, path = notebook(name), BOOK / f"{name}.ipynb"
+    stored = nbformat.read(path, as_version=4)
+    shape = [(c.cell_type, c.source if c.cell_type == "code" else None) for c in fresh.cells]
+    if shape != [(c.cell_type, c.source if c.cell_type == "code" else None) for c in stored.cells]:
+        raise SystemExit(f"{name}: its code cells changed, so it must be executed: python tools/build_notebooks.py {name}")
+    for new, old in zip(fresh.cells, stored.cells):
+        if new.cell_type == "markdown":
+            old.source, old.metadata = new.source, new.metadata
+    path.write_text(checked_text(stored, name))
+
+
 if __name__ == "__main__":
-    names = sys.argv[1:] or sorted(p.stem for p in CHAPTERS.glob("*.py"))
-    for name in names:
-        print(f"{name}: {build(name):.1f} s", flush=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("chapters", nargs="*", help="e.g. 01_attention (default: every chapter)")
+    parser.add_argument("--sources-only", action="store_true", help="update the Markdown, execute nothing")
+    args = parser.parse_args()
+    for name in args.chapters or chapter_names():
+        name = Path(name).stem  # tools/chapters/01_attention.py and book/01_attention.ipynb work too
+        if args.sources_only:
+            refresh_sources(name)
+            print(f"{name}: Markdown updated", flush=True)
+        else:
+            print(f"{name}: {build(name):.1f} s", flush=True)

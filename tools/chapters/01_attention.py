@@ -1,227 +1,230 @@
-from nbtools import code, md, setup
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+# ---
 
-CELLS = [
-    md(r"""
-    # 1. Attention
+# %% [markdown]
+# # 1. Attention
+#
+# All three networks of Stable Diffusion use the same mechanism to let positions exchange
+# information: CLIP's tokens attend to earlier tokens, the VAE's pixels attend to each other at
+# its lowest resolution, and the U-Net's latent pixels attend to each other *and* to the prompt.
+# This chapter builds attention from its formula, checks it against PyTorch, and looks at it.
+#
+# $$\operatorname{Attention}(Q, K, V) = \operatorname{softmax}\!\left(\frac{Q K^\top}{\sqrt{d_k}}\right) V$$
+#
+# Each of the $L_q$ queries (rows of $Q$) is compared with each of the $L_k$ keys by a dot
+# product; the softmax of each row turns the scores into weights that sum to one; the output is
+# the weighted average of the values.
 
-    All three networks of Stable Diffusion use the same mechanism to let positions exchange
-    information: CLIP's tokens attend to earlier tokens, the VAE's pixels attend to each other at
-    its lowest resolution, and the U-Net's latent pixels attend to each other *and* to the prompt.
-    This chapter builds attention from its formula, checks it against PyTorch, and looks at it.
+# %% tags=["hide-input"]
+# book-setup: tools/setup_cell.py goes here when the notebook is built
 
-    $$\operatorname{Attention}(Q, K, V) = \operatorname{softmax}\!\left(\frac{Q K^\top}{\sqrt{d_k}}\right) V$$
+# %% [markdown]
+# ## Scaled dot-product attention from scratch
+#
+# Four lines of tensor code. The division by $\sqrt{d_k}$ keeps the scores of random vectors at a
+# standard deviation of about 1 whatever the width, so the softmax does not saturate.
 
-    Each of the $L_q$ queries (rows of $Q$) is compared with each of the $L_k$ keys by a dot
-    product; the softmax of each row turns the scores into weights that sum to one; the output is
-    the weighted average of the values.
-    """),
-    setup(),
-    md(r"""
-    ## Scaled dot-product attention from scratch
+# %% tags=["nbval-check-output"]
+import math
+import torch.nn.functional as F
 
-    Four lines of tensor code. The division by $\sqrt{d_k}$ keeps the scores of random vectors at a
-    standard deviation of about 1 whatever the width, so the softmax does not saturate.
-    """),
-    code(r"""
-    import math
-    import torch.nn.functional as F
+def attention(q, k, v, causal=False):
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (..., Lq, Lk)
+    if causal:  # token i may only look at tokens j <= i
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return weights @ v, weights
 
-    def attention(q, k, v, causal=False):
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (..., Lq, Lk)
-        if causal:  # token i may only look at tokens j <= i
-            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
-        weights = scores.softmax(dim=-1)
-        return weights @ v, weights
+q, k, v = torch.randn(3, 1, 6, 16).unbind(0)  # batch 1, 6 positions, d_k = 16
+out, weights = attention(q, k, v)
+print("output", tuple(out.shape), " weights", tuple(weights.shape))
+print("rows of the weights sum to 1:", torch.allclose(weights.sum(-1), torch.ones(1, 6)))
 
-    q, k, v = torch.randn(3, 1, 6, 16).unbind(0)  # batch 1, 6 positions, d_k = 16
-    out, weights = attention(q, k, v)
-    print("output", tuple(out.shape), " weights", tuple(weights.shape))
-    print("rows of the weights sum to 1:", torch.allclose(weights.sum(-1), torch.ones(1, 6)))
-    """, check=True),
-    md(r"""
-    **Check against PyTorch.** `torch.nn.functional.scaled_dot_product_attention` computes the same
-    thing with a fused kernel, without ever storing the $L_q \times L_k$ matrix. Both must agree to
-    float32 round-off, with and without the causal mask:
-    """),
-    code(r"""
-    for causal in (False, True):
-        mine, _ = attention(q, k, v, causal=causal)
-        torch_out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        print(f"causal={causal!s:5}  max |difference| < 1e-6: {(mine - torch_out).abs().max().item() < 1e-6}")
-    """, check=True),
-    md(r"""
-    ## What the weights look like
+# %% [markdown]
+# **Check against PyTorch.** `torch.nn.functional.scaled_dot_product_attention` computes the same
+# thing with a fused kernel, without ever storing the $L_q \times L_k$ matrix. Both must agree to
+# float32 round-off, with and without the causal mask:
 
-    To see attention do something, give it a job: six tokens whose keys are one-hot "names", and
-    queries that each look for one of them. Each row of the heatmap is one query's distribution
-    over the keys. Scaling the scores up (a *temperature* below 1) sharpens it; with the causal mask
-    the upper triangle is forbidden and every row re-normalises over what is left.
-    """),
-    code(r"""
-    keys = torch.eye(6, 16)[None]               # token j's key: the j-th unit vector
-    wanted = torch.tensor([2, 0, 4, 1, 5, 3])   # query i looks for token wanted[i]
-    queries = 3.0 * torch.eye(6, 16)[wanted][None]
-    values = torch.randn(1, 6, 16)
+# %% tags=["nbval-check-output"]
+for causal in (False, True):
+    mine, _ = attention(q, k, v, causal=causal)
+    torch_out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    print(f"causal={causal!s:5}  max |difference| < 1e-6: {(mine - torch_out).abs().max().item() < 1e-6}")
 
-    panels = [("sharp queries", attention(4 * queries, keys, values)[1]),
-              ("softer queries (×1)", attention(queries, keys, values)[1]),
-              ("with the causal mask", attention(4 * queries, keys, values, causal=True)[1])]
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
-    for ax, (title, w) in zip(axes, panels):
-        im = ax.imshow(w[0], cmap="viridis", vmin=0, vmax=1)
-        ax.set(title=title, xlabel="key position j", ylabel="query position i", xticks=range(6), yticks=range(6))
-    fig.colorbar(im, ax=axes, shrink=0.8, label="weight")
-    plt.show()
-    """),
-    md(r"""
-    The first panel finds exactly the wanted token in each row. In the third, query 0 can only see
-    token 0, so it puts all its weight there even though it wanted token 2: the causal mask is
-    what lets CLIP read a prompt left to right.
+# %% [markdown]
+# ## What the weights look like
+#
+# To see attention do something, give it a job: six tokens whose keys are one-hot "names", and
+# queries that each look for one of them. Each row of the heatmap is one query's distribution
+# over the keys. Scaling the scores up (a *temperature* below 1) sharpens it; with the causal mask
+# the upper triangle is forbidden and every row re-normalises over what is left.
 
-    ## sdlab's version
+# %%
+keys = torch.eye(6, 16)[None]               # token j's key: the j-th unit vector
+wanted = torch.tensor([2, 0, 4, 1, 5, 3])   # query i looks for token wanted[i]
+queries = 3.0 * torch.eye(6, 16)[wanted][None]
+values = torch.randn(1, 6, 16)
 
-    `sdlab.attention.scaled_dot_product` is the function above, with two additions: it uses
-    PyTorch's fused kernel unless the attention weights are wanted (for the pictures in this book),
-    and it computes the softmax in float32 even when the model runs in float16.
+panels = [("sharp queries", attention(4 * queries, keys, values)[1]),
+          ("softer queries (×1)", attention(queries, keys, values)[1]),
+          ("with the causal mask", attention(4 * queries, keys, values, causal=True)[1])]
+fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+for ax, (title, w) in zip(axes, panels):
+    im = ax.imshow(w[0], cmap="viridis", vmin=0, vmax=1)
+    ax.set(title=title, xlabel="key position j", ylabel="query position i", xticks=range(6), yticks=range(6))
+fig.colorbar(im, ax=axes, shrink=0.8, label="weight")
+plt.show()
 
-    ```{literalinclude} ../sdlab/attention.py
-    :pyobject: scaled_dot_product
-    ```
-    """),
-    code(r"""
-    from sdlab.attention import CrossAttention, SelfAttention, attention_backend, scaled_dot_product
+# %% [markdown]
+# The first panel finds exactly the wanted token in each row. In the third, query 0 can only see
+# token 0, so it puts all its weight there even though it wanted token 2: the causal mask is
+# what lets CLIP read a prompt left to right.
+#
+# ## sdlab's version
+#
+# `sdlab.attention.scaled_dot_product` is the function above, with two additions: it uses
+# PyTorch's fused kernel unless the attention weights are wanted (for the pictures in this book),
+# and it computes the softmax in float32 even when the model runs in float16.
+#
+# ```{listing} sdlab.attention.scaled_dot_product
+# ```
 
-    qh, kh, vh = torch.randn(3, 2, 4, 10, 8).unbind(0)  # (B, H, L, d_k)
-    ref, _ = attention(qh, kh, vh, causal=True)
-    fused, _ = scaled_dot_product(qh, kh, vh, causal=True)
-    with attention_backend("math"):
-        explicit, w = scaled_dot_product(qh, kh, vh, causal=True, return_weights=True)
-    print("fused == from scratch:", torch.allclose(fused, ref, atol=1e-6))
-    print("math  == from scratch:", torch.allclose(explicit, ref, atol=1e-6), " weights", tuple(w.shape))
-    """, check=True),
-    md(r"""
-    ## Multiple heads
+# %% tags=["nbval-check-output"]
+from sdlab.attention import CrossAttention, SelfAttention, attention_backend, scaled_dot_product
 
-    One attention computes one weighted average per query: one "question" per position. *Multi-head*
-    attention projects the width $d$ into $h$ heads of $d_k = d/h$ channels, attends in each
-    independently, concatenates the results and mixes them with an output projection $W^O$:
+qh, kh, vh = torch.randn(3, 2, 4, 10, 8).unbind(0)  # (B, H, L, d_k)
+ref, _ = attention(qh, kh, vh, causal=True)
+fused, _ = scaled_dot_product(qh, kh, vh, causal=True)
+with attention_backend("math"):
+    explicit, w = scaled_dot_product(qh, kh, vh, causal=True, return_weights=True)
+print("fused == from scratch:", torch.allclose(fused, ref, atol=1e-6))
+print("math  == from scratch:", torch.allclose(explicit, ref, atol=1e-6), " weights", tuple(w.shape))
 
-    $$\operatorname{MultiHead}(X) = \operatorname{Concat}(\text{head}_1, \dots, \text{head}_h)\, W^O,
-    \qquad \text{head}_i = \operatorname{Attention}(X W_i^Q, X W_i^K, X W_i^V).$$
+# %% [markdown]
+# ## Multiple heads
+#
+# One attention computes one weighted average per query: one "question" per position. *Multi-head*
+# attention projects the width $d$ into $h$ heads of $d_k = d/h$ channels, attends in each
+# independently, concatenates the results and mixes them with an output projection $W^O$:
+#
+# $$\operatorname{MultiHead}(X) = \operatorname{Concat}(\text{head}_1, \dots, \text{head}_h)\, W^O,
+# \qquad \text{head}_i = \operatorname{Attention}(X W_i^Q, X W_i^K, X W_i^V).$$
+#
+# The cost is the same as one head of width $d$: the split is only a reshape,
+# (B, L, d) → (B, h, L, d/h). `sdlab` keeps the three projections $W^Q, W^K, W^V$ as one linear
+# layer `in_proj` of width $3d$, as CLIP's and the VAE's checkpoints store them once fused.
+#
+# ```{listing} sdlab.attention._MultiHead
+# ```
+#
+# ```{listing} sdlab.attention.SelfAttention
+# ```
+#
+# **Check against PyTorch.** `torch.nn.MultiheadAttention` uses the very same fused layout
+# (`in_proj_weight` of shape $(3d, d)$), so we can copy the weights across and compare:
 
-    The cost is the same as one head of width $d$: the split is only a reshape,
-    (B, L, d) → (B, h, L, d/h). `sdlab` keeps the three projections $W^Q, W^K, W^V$ as one linear
-    layer `in_proj` of width $3d$, as CLIP's and the VAE's checkpoints store them once fused.
+# %% tags=["nbval-check-output"]
+d, heads, L = 64, 8, 12
+mine = SelfAttention(heads, d).eval()
+reference = torch.nn.MultiheadAttention(d, heads, batch_first=True).eval()
+with torch.no_grad():
+    reference.in_proj_weight.copy_(mine.in_proj.weight)
+    reference.in_proj_bias.copy_(mine.in_proj.bias)
+    reference.out_proj.weight.copy_(mine.out_proj.weight)
+    reference.out_proj.bias.copy_(mine.out_proj.bias)
 
-    ```{literalinclude} ../sdlab/attention.py
-    :pyobject: _MultiHead
-    ```
+x = torch.randn(2, L, d)
+causal = torch.ones(L, L, dtype=torch.bool).triu(1)  # True = not allowed
+with torch.no_grad():
+    for name, ours, theirs in [
+        ("no mask", mine(x), reference(x, x, x, need_weights=False)[0]),
+        ("causal", mine(x, causal_mask=True), reference(x, x, x, attn_mask=causal, need_weights=False)[0]),
+    ]:
+        print(f"{name:8s} output {tuple(ours.shape)}  max |difference| < 1e-5: {(ours - theirs).abs().max().item() < 1e-5}")
+print(f"parameters: {sum(p.numel() for p in mine.parameters()):,} (= 4 d² + 4 d = {4 * d * d + 4 * d:,})")
 
-    ```{literalinclude} ../sdlab/attention.py
-    :pyobject: SelfAttention
-    ```
+# %% [markdown]
+# With `store_attention = True` a module keeps the weights of its last call (this switches it to
+# the explicit formula). Here are the 8 heads of a random causal self-attention layer: with random
+# weights each head already has its own pattern, and all of them respect the mask.
 
-    **Check against PyTorch.** `torch.nn.MultiheadAttention` uses the very same fused layout
-    (`in_proj_weight` of shape $(3d, d)$), so we can copy the weights across and compare:
-    """),
-    code(r"""
-    d, heads, L = 64, 8, 12
-    mine = SelfAttention(heads, d).eval()
-    reference = torch.nn.MultiheadAttention(d, heads, batch_first=True).eval()
-    with torch.no_grad():
-        reference.in_proj_weight.copy_(mine.in_proj.weight)
-        reference.in_proj_bias.copy_(mine.in_proj.bias)
-        reference.out_proj.weight.copy_(mine.out_proj.weight)
-        reference.out_proj.bias.copy_(mine.out_proj.bias)
+# %%
+mine.store_attention = True
+with torch.no_grad():
+    mine(x[:1], causal_mask=True)
+maps = mine.attention_weights[0]  # (heads, L, L)
+mine.store_attention = False
+fig, axes = plt.subplots(1, heads, figsize=(12, 1.9))
+for h, ax in enumerate(axes):
+    ax.imshow(maps[h], cmap="viridis", vmin=0, vmax=1)
+    ax.set_title(f"head {h}", fontsize=9)
+    ax.axis("off")
+plt.show()
+print("weights", tuple(mine.attention_weights.shape), "| above the diagonal:", maps.triu(1).abs().max().item())
 
-    x = torch.randn(2, L, d)
-    causal = torch.ones(L, L, dtype=torch.bool).triu(1)  # True = not allowed
-    with torch.no_grad():
-        for name, ours, theirs in [
-            ("no mask", mine(x), reference(x, x, x, need_weights=False)[0]),
-            ("causal", mine(x, causal_mask=True), reference(x, x, x, attn_mask=causal, need_weights=False)[0]),
-        ]:
-            print(f"{name:8s} output {tuple(ours.shape)}  max |difference| < 1e-5: {(ours - theirs).abs().max().item() < 1e-5}")
-    print(f"parameters: {sum(p.numel() for p in mine.parameters()):,} (= 4 d² + 4 d = {4 * d * d + 4 * d:,})")
-    """, check=True),
-    md(r"""
-    With `store_attention = True` a module keeps the weights of its last call (this switches it to
-    the explicit formula). Here are the 8 heads of a random causal self-attention layer: with random
-    weights each head already has its own pattern, and all of them respect the mask.
-    """),
-    code(r"""
-    mine.store_attention = True
-    with torch.no_grad():
-        mine(x[:1], causal_mask=True)
-    maps = mine.attention_weights[0]  # (heads, L, L)
-    mine.store_attention = False
-    fig, axes = plt.subplots(1, heads, figsize=(12, 1.9))
-    for h, ax in enumerate(axes):
-        ax.imshow(maps[h], cmap="viridis", vmin=0, vmax=1)
-        ax.set_title(f"head {h}", fontsize=9)
-        ax.axis("off")
-    plt.show()
-    print("weights", tuple(mine.attention_weights.shape), "| above the diagonal:", maps.triu(1).abs().max().item())
-    """),
-    md(r"""
-    ## Cross-attention
+# %% [markdown]
+# ## Cross-attention
+#
+# In the U-Net the queries come from the image and the keys and values from the text: each latent
+# pixel asks "which words are about me?" and receives a mix of their embeddings. The two
+# sequences can have different lengths (4096 pixels at 64×64, 77 tokens) and widths (320 to
+# 1280 channels for the pixels, 768 for CLIP), so there are three separate projections:
+#
+# ```{listing} sdlab.attention.CrossAttention
+# ```
 
-    In the U-Net the queries come from the image and the keys and values from the text: each latent
-    pixel asks "which words are about me?" and receives a mix of their embeddings. The two
-    sequences can have different lengths (4096 pixels at 64×64, 77 tokens) and widths (320 to
-    1280 channels for the pixels, 768 for CLIP), so there are three separate projections:
+# %% tags=["nbval-check-output"]
+cross = CrossAttention(n_heads=4, d_embed=32, d_cross=48).eval()
+pixels = torch.randn(1, 8 * 8, 32)   # an 8x8 latent image, 32 channels
+tokens = torch.randn(1, 5, 48)       # 5 text tokens, 48 channels
+cross.store_attention = True
+with torch.no_grad():
+    out = cross(pixels, tokens)
+print("pixels", tuple(pixels.shape), "+ tokens", tuple(tokens.shape), "->", tuple(out.shape))
+print("weights (B, heads, pixels, tokens):", tuple(cross.attention_weights.shape))
 
-    ```{literalinclude} ../sdlab/attention.py
-    :pyobject: CrossAttention
-    ```
-    """),
-    code(r"""
-    cross = CrossAttention(n_heads=4, d_embed=32, d_cross=48).eval()
-    pixels = torch.randn(1, 8 * 8, 32)   # an 8x8 latent image, 32 channels
-    tokens = torch.randn(1, 5, 48)       # 5 text tokens, 48 channels
-    cross.store_attention = True
-    with torch.no_grad():
-        out = cross(pixels, tokens)
-    print("pixels", tuple(pixels.shape), "+ tokens", tuple(tokens.shape), "->", tuple(out.shape))
-    print("weights (B, heads, pixels, tokens):", tuple(cross.attention_weights.shape))
-    """, check=True),
-    md(r"""
-    The output has one row per *pixel*, like the input: cross-attention writes text information into
-    the image without changing its shape. Averaged over the heads, every pixel's weights over the
-    5 tokens form a map; shown as images, these are the per-token attention maps that chapter 6
-    uses to see where each word of a prompt lands in the picture.
-    """),
-    code(r"""
-    maps = cross.attention_weights[0].mean(0).T.reshape(5, 8, 8)  # (tokens, 8, 8)
-    fig, axes = plt.subplots(1, 5, figsize=(10, 2.3))
-    for j, ax in enumerate(axes):
-        ax.imshow(maps[j], cmap="magma", vmin=0, vmax=maps.max())
-        ax.set_title(f"token {j}", fontsize=9)
-        ax.axis("off")
-    fig.suptitle("cross-attention weight of each pixel, per token (random weights)", fontsize=10)
-    plt.show()
-    """),
-    md(r"""
-    ## Summary
+# %% [markdown]
+# The output has one row per *pixel*, like the input: cross-attention writes text information into
+# the image without changing its shape. Averaged over the heads, every pixel's weights over the
+# 5 tokens form a map; shown as images, these are the per-token attention maps that chapter 6
+# uses to see where each word of a prompt lands in the picture.
 
-    * Attention is a soft lookup: $\operatorname{softmax}(QK^\top / \sqrt{d_k})\,V$, a weighted
-      average of values, weights from query-key similarity.
-    * The causal mask ($-\infty$ above the diagonal) makes token $i$ see only tokens $\le i$.
-    * Multi-head attention splits the width into $h$ independent heads at no extra cost;
-      `SelfAttention` matches `torch.nn.MultiheadAttention` weight for weight.
-    * Cross-attention takes queries from one sequence (pixels) and keys/values from another (text).
-    * `sdlab` uses PyTorch's fused kernel by default and the explicit formula when the weights are
-      wanted (`store_attention`, `attention_backend("math")`).
+# %%
+maps = cross.attention_weights[0].mean(0).T.reshape(5, 8, 8)  # (tokens, 8, 8)
+fig, axes = plt.subplots(1, 5, figsize=(10, 2.3))
+for j, ax in enumerate(axes):
+    ax.imshow(maps[j], cmap="magma", vmin=0, vmax=maps.max())
+    ax.set_title(f"token {j}", fontsize=9)
+    ax.axis("off")
+fig.suptitle("cross-attention weight of each pixel, per token (random weights)", fontsize=10)
+plt.show()
 
-    ## Exercises
-
-    1. Remove the $1/\sqrt{d_k}$ factor and plot the entropy of the attention rows of random
-       inputs as $d_k$ grows from 8 to 512. What happens, and why does it hurt training?
-    2. Show that attention without a mask is *permutation-equivariant*: permuting the input
-       positions permutes the output the same way. Where does CLIP get its sense of order from?
-    3. Count the multiply-adds of self-attention over the 4096 latent pixels of a 512×512 image at
-       width 320. Which term dominates, and what does the fused kernel save?
-    4. Implement a padding mask (keys that no query may attend to) and check it against
-       `scaled_dot_product_attention(..., attn_mask=...)`.
-    """),
-]
+# %% [markdown]
+# ## Summary
+#
+# * Attention is a soft lookup: $\operatorname{softmax}(QK^\top / \sqrt{d_k})\,V$, a weighted
+#   average of values, weights from query-key similarity.
+# * The causal mask ($-\infty$ above the diagonal) makes token $i$ see only tokens $\le i$.
+# * Multi-head attention splits the width into $h$ independent heads at no extra cost;
+#   `SelfAttention` matches `torch.nn.MultiheadAttention` weight for weight.
+# * Cross-attention takes queries from one sequence (pixels) and keys/values from another (text).
+# * `sdlab` uses PyTorch's fused kernel by default and the explicit formula when the weights are
+#   wanted (`store_attention`, `attention_backend("math")`).
+#
+# ## Exercises
+#
+# 1. Remove the $1/\sqrt{d_k}$ factor and plot the entropy of the attention rows of random
+#    inputs as $d_k$ grows from 8 to 512. What happens, and why does it hurt training?
+# 2. Show that attention without a mask is *permutation-equivariant*: permuting the input
+#    positions permutes the output the same way. Where does CLIP get its sense of order from?
+# 3. Count the multiply-adds of self-attention over the 4096 latent pixels of a 512×512 image at
+#    width 320. Which term dominates, and what does the fused kernel save?
+# 4. Implement a padding mask (keys that no query may attend to) and check it against
+#    `scaled_dot_product_attention(..., attn_mask=...)`.

@@ -1,207 +1,210 @@
-from nbtools import code, md, setup
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+# ---
 
-CELLS = [
-    md(r"""
-    # 2. The CLIP text encoder
+# %% [markdown]
+# # 2. The CLIP text encoder
+#
+# Stable Diffusion never reads your prompt as text. The text encoder of OpenAI's CLIP ViT-L/14
+# turns it into **77 vectors of 768 numbers**, one per token position, and the U-Net attends to
+# them (chapter 4). This chapter follows a real prompt through the two halves of that: the
+# *tokenizer* (text → 77 integers) and the *transformer* (integers → vectors).
 
-    Stable Diffusion never reads your prompt as text. The text encoder of OpenAI's CLIP ViT-L/14
-    turns it into **77 vectors of 768 numbers**, one per token position, and the U-Net attends to
-    them (chapter 4). This chapter follows a real prompt through the two halves of that: the
-    *tokenizer* (text → 77 integers) and the *transformer* (integers → vectors).
-    """),
-    setup(),
-    md(r"""
-    ## From text to tokens: byte-level BPE
+# %% tags=["hide-input"]
+# book-setup: tools/setup_cell.py goes here when the notebook is built
 
-    The tokenizer normalises the text (NFC, one space, lower case), cuts it into words with a
-    regular expression, writes each word as bytes and then applies **byte-pair encoding**: it glues
-    neighbouring pieces together, always the pair that comes first in the list of 48,894 *merges*
-    OpenAI learned, until no known pair is left. Each final piece is one token of the 49,408-entry
-    vocabulary. This is the real vocabulary, shipped with `sdlab`:
-    """),
-    code(r"""
-    from sdlab.tokenizer import load_tokenizer
+# %% [markdown]
+# ## From text to tokens: byte-level BPE
+#
+# The tokenizer normalises the text (NFC, one space, lower case), cuts it into words with a
+# regular expression, writes each word as bytes and then applies **byte-pair encoding**: it glues
+# neighbouring pieces together, always the pair that comes first in the list of 48,894 *merges*
+# OpenAI learned, until no known pair is left. Each final piece is one token of the 49,408-entry
+# vocabulary. This is the real vocabulary, shipped with `sdlab`:
 
-    tokenizer = load_tokenizer()
-    prompt = "A watercolour painting of a capybara astronaut, 4k"
-    print(tokenizer)
-    print(tokenizer.tokenize(prompt))
-    print(tokenizer.encode(prompt))
-    """, check=True),
-    md(r"""
-    Common words are one token (`painting</w>`; `</w>` marks the end of a word). Rarer ones are
-    split into pieces, and every digit is a word of its own. Here is BPE at work on the rarest
-    word of the prompt, one merge per line, with the merge's rank in the merges file:
-    """),
-    code(r"""
-    for step in tokenizer.bpe_steps("capybara"):
-        merged = "start" if step.pair is None else f"{step.pair[0]!r} + {step.pair[1]!r}"
-        rank = "" if step.rank is None else f"(rank {step.rank:,})"
-        print(f"{merged:22s} {rank:14s} {' | '.join(step.pieces)}")
-    """, check=True),
-    md(r"""
-    ```{literalinclude} ../sdlab/tokenizer.py
-    :pyobject: CLIPTokenizer.bpe_steps
-    ```
+# %% tags=["nbval-check-output"]
+from sdlab.tokenizer import load_tokenizer
 
-    Merges learned early (low rank) join frequent pairs like `o`+`n`; late merges build whole
-    words. Finally the ids are *framed*: `<|startoftext|>` (49406) in front, `<|endoftext|>` (49407)
-    after, and padding with `<|endoftext|>` up to the 77 positions of the encoder.
+tokenizer = load_tokenizer()
+prompt = "A watercolour painting of a capybara astronaut, 4k"
+print(tokenizer)
+print(tokenizer.tokenize(prompt))
+print(tokenizer.encode(prompt))
 
-    **Check against transformers.** `sdlab` writes the Hugging Face tokenizer files from the same
-    merges, so `transformers.CLIPTokenizer` can be built without the Hub and compared:
-    """),
-    code(r"""
-    import tempfile
-    import warnings
+# %% [markdown]
+# Common words are one token (`painting</w>`; `</w>` marks the end of a word). Rarer ones are
+# split into pieces, and every digit is a word of its own. Here is BPE at work on the rarest
+# word of the prompt, one merge per line, with the merge's rank in the merges file:
 
-    from transformers import CLIPTokenizer
-    from sdlab.tokenizer import vocab_files
+# %% tags=["nbval-check-output"]
+for step in tokenizer.bpe_steps("capybara"):
+    merged = "start" if step.pair is None else f"{step.pair[0]!r} + {step.pair[1]!r}"
+    rank = "" if step.rank is None else f"(rank {step.rank:,})"
+    print(f"{merged:22s} {rank:14s} {' | '.join(step.pieces)}")
 
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        vocab_files(folder, tokenizer)
-        reference = CLIPTokenizer.from_pretrained(folder)
-    prompts = [prompt, "café, 2 cats & a dog!", "an astronaut riding a horse on Mars 🚀", ""]
-    ours = tokenizer(prompts, padding="max_length", max_length=77, truncation=True).input_ids
-    theirs = reference(prompts, padding="max_length", max_length=77, truncation=True).input_ids
-    print("same ids for all prompts:", ours == theirs, "| shape:", (len(ours), len(ours[0])))
-    """, check=True),
-    code(r"""
-    ids = tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    fig, ax = plt.subplots(figsize=(11, 1.6))
-    ax.imshow(ids, aspect="auto", cmap="viridis")
-    n_real = len(tokenizer.encode(prompt)) + 2
-    for j in range(n_real + 1):
-        ax.text(j, 0, tokenizer.id_to_token[ids[0, j]].replace("</w>", "").replace("<|startoftext|>", "SOT")
-                .replace("<|endoftext|>", "EOT"), rotation=90, ha="center", va="center", fontsize=8, color="white")
-    ax.set(yticks=[], xlabel="position (0 … 76)", title="the 77 token ids of the prompt (colour = id)")
-    plt.show()
-    """),
-    md(r"""
-    ## Token and position embeddings
+# %% [markdown]
+# ```{listing} sdlab.tokenizer.CLIPTokenizer.bpe_steps
+# ```
+#
+# Merges learned early (low rank) join frequent pairs like `o`+`n`; late merges build whole
+# words. Finally the ids are *framed*: `<|startoftext|>` (49406) in front, `<|endoftext|>` (49407)
+# after, and padding with `<|endoftext|>` up to the 77 positions of the encoder.
+#
+# **Check against transformers.** `sdlab` writes the Hugging Face tokenizer files from the same
+# merges, so `transformers.CLIPTokenizer` can be built without the Hub and compared:
 
-    The encoder looks each id up in a table of 49,408 learned vectors and adds a learned vector
-    for each of the 77 *positions* (attention alone does not know the order of its inputs):
+# %% tags=["nbval-check-output"]
+import tempfile
+import warnings
 
-    ```{literalinclude} ../sdlab/clip.py
-    :pyobject: CLIPEmbedding
-    ```
+from transformers import CLIPTokenizer
+from sdlab.tokenizer import vocab_files
 
-    ## The layer stack
+with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    vocab_files(folder, tokenizer)
+    reference = CLIPTokenizer.from_pretrained(folder)
+prompts = [prompt, "café, 2 cats & a dog!", "an astronaut riding a horse on Mars 🚀", ""]
+ours = tokenizer(prompts, padding="max_length", max_length=77, truncation=True).input_ids
+theirs = reference(prompts, padding="max_length", max_length=77, truncation=True).input_ids
+print("same ids for all prompts:", ours == theirs, "| shape:", (len(ours), len(ours[0])))
 
-    Twelve identical pre-norm transformer layers follow: causal self-attention (chapter 1), then
-    an MLP with the QuickGELU activation $x\,\sigma(1.702\,x)$, each wrapped in a residual
-    connection. A final layer norm gives the 77 × 768 output that conditions the U-Net.
+# %%
+ids = tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+fig, ax = plt.subplots(figsize=(11, 1.6))
+ax.imshow(ids, aspect="auto", cmap="viridis")
+n_real = len(tokenizer.encode(prompt)) + 2
+for j in range(n_real + 1):
+    ax.text(j, 0, tokenizer.id_to_token[ids[0, j]].replace("</w>", "").replace("<|startoftext|>", "SOT")
+            .replace("<|endoftext|>", "EOT"), rotation=90, ha="center", va="center", fontsize=9, color="white")
+ax.set(yticks=[], xlabel="position (0 … 76)", title="the 77 token ids of the prompt (colour = id)")
+plt.show()
 
-    ```{literalinclude} ../sdlab/clip.py
-    :pyobject: CLIPLayer
-    ```
+# %% [markdown]
+# ## Token and position embeddings
+#
+# The encoder looks each id up in a table of 49,408 learned vectors and adds a learned vector
+# for each of the 77 *positions* (attention alone does not know the order of its inputs):
+#
+# ```{listing} sdlab.clip.CLIPEmbedding
+# ```
+#
+# ## The layer stack
+#
+# Twelve identical pre-norm transformer layers follow: causal self-attention (chapter 1), then
+# an MLP with the QuickGELU activation $x\,\sigma(1.702\,x)$, each wrapped in a residual
+# connection. A final layer norm gives the 77 × 768 output that conditions the U-Net.
+#
+# ```{listing} sdlab.clip.CLIPLayer
+# ```
+#
+# ```{listing} sdlab.clip.CLIP
+# ```
+#
+# The causal mask means the vector at position $i$ depends on the tokens $0 \dots i$ only: the
+# padding positions after the prompt *do* carry information about the whole prompt, which is why
+# Stable Diffusion conditions on all 77 positions.
 
-    ```{literalinclude} ../sdlab/clip.py
-    :pyobject: CLIP
-    ```
+# %% tags=["nbval-check-output"]
+from sdlab import SD15, CLIPConfig
+from sdlab.clip import CLIP
 
-    The causal mask means the vector at position $i$ depends on the tokens $0 \dots i$ only: the
-    padding positions after the prompt *do* carry information about the whole prompt, which is why
-    Stable Diffusion conditions on all 77 positions.
-    """),
-    code(r"""
-    from sdlab import SD15, CLIPConfig
-    from sdlab.clip import CLIP
+with torch.device("meta"):
+    full = CLIP(SD15.clip)
+print(f"SD1.5 text encoder: {sum(p.numel() for p in full.parameters()):,} parameters")
+for name, child in full.named_children():
+    print(f"  {name:10s} {sum(p.numel() for p in child.parameters()):>12,d}")
 
-    with torch.device("meta"):
-        full = CLIP(SD15.clip)
-    print(f"SD1.5 text encoder: {sum(p.numel() for p in full.parameters()):,} parameters")
-    for name, child in full.named_children():
-        print(f"  {name:10s} {sum(p.numel() for p in child.parameters()):>12,d}")
-    """, check=True),
-    md(r"""
-    ## Parity with transformers
+# %% [markdown]
+# ## Parity with transformers
+#
+# We build a *small* CLIP (2 layers, width 64, the real vocabulary and 77 positions) in
+# `transformers` with random weights, convert its weights with `sdlab.model_converter` (the same
+# key-renaming rules that load the real checkpoint, including the fusion of the query, key and
+# value projections) and compare the outputs. The full-size comparison is in the test suite.
 
-    We build a *small* CLIP (2 layers, width 64, the real vocabulary and 77 positions) in
-    `transformers` with random weights, convert its weights with `sdlab.model_converter` (the same
-    key-renaming rules that load the real checkpoint, including the fusion of the query, key and
-    value projections) and compare the outputs. The full-size comparison is in the test suite.
-    """),
-    code(r"""
-    from transformers import CLIPTextConfig, CLIPTextModel
-    from sdlab import model_converter
+# %% tags=["nbval-check-output"]
+from transformers import CLIPTextConfig, CLIPTextModel
+from sdlab import model_converter
 
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu")
-    torch.manual_seed(0)
-    reference_clip = CLIPTextModel(config).eval()
-    # the original checkpoint's key layout, then sdlab's renaming rules
-    original = {"cond_stage_model.transformer.text_model." + k: v for k, v in reference_clip.state_dict().items()}
-    converted, ignored, unknown = model_converter.convert(original)
+config = CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu")
+torch.manual_seed(0)
+reference_clip = CLIPTextModel(config).eval()
+# the original checkpoint's key layout, then sdlab's renaming rules
+original = {"cond_stage_model.transformer.text_model." + k: v for k, v in reference_clip.state_dict().items()}
+converted, ignored, unknown = model_converter.convert(original)
 
-    clip = CLIP(CLIPConfig(n_embd=64, n_head=4, n_layer=2)).eval()
-    print(clip.load_state_dict(converted["clip"], strict=True))
-    with torch.no_grad():
-        ours = clip(ids)
-        theirs = reference_clip(input_ids=ids).last_hidden_state
-    print("output", tuple(ours.shape), "| max |difference| < 1e-5:", (ours - theirs).abs().max().item() < 1e-5)
-    """, check=True),
-    md(r"""
-    ## Looking inside
+clip = CLIP(CLIPConfig(n_embd=64, n_head=4, n_layer=2)).eval()
+print(clip.load_state_dict(converted["clip"], strict=True))
+with torch.no_grad():
+    ours = clip(ids)
+    theirs = reference_clip(input_ids=ids).last_hidden_state
+print("output", tuple(ours.shape), "| max |difference| < 1e-5:", (ours - theirs).abs().max().item() < 1e-5)
 
-    Left, the causal mask every layer applies; right, what the attention heads of the first layer
-    do with it on our prompt (random weights: the structure is the mask's, the details are noise).
-    With the trained model, heads specialise: some look at the previous token, many dump their
-    attention on `<|startoftext|>`, a well-known "attention sink".
-    """),
-    code(r"""
-    layer = clip.layers[0].attention
-    layer.store_attention = True
-    with torch.no_grad():
-        clip(ids)
-    weights = layer.attention_weights[0, :, :n_real + 3, :n_real + 3]  # (heads, L, L), the first positions
-    layer.store_attention = False
+# %% [markdown]
+# ## Looking inside
+#
+# Left, the causal mask every layer applies; right, what the attention heads of the first layer
+# do with it on our prompt (random weights: the structure is the mask's, the details are noise).
+# With the trained model, heads specialise: some look at the previous token, many dump their
+# attention on `<|startoftext|>`, a well-known "attention sink".
 
-    fig, axes = plt.subplots(1, 5, figsize=(12, 2.8))
-    mask = torch.ones(n_real + 3, n_real + 3).tril()
-    axes[0].imshow(mask, cmap="Greys", vmin=0, vmax=1)
-    axes[0].set_title("causal mask (black = may attend)", fontsize=9)
-    for h, ax in enumerate(axes[1:]):
-        ax.imshow(weights[h], cmap="viridis")
-        ax.set_title(f"layer 0, head {h}", fontsize=9)
-    for ax in axes:
-        ax.set(xticks=[], yticks=[], xlabel="key", ylabel="query")
-    plt.show()
-    """),
-    code(r"""
-    with torch.no_grad():
-        embedded = clip.embedding(ids)[0]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 2.8))
-    axes[0].imshow(embedded.T, aspect="auto", cmap="RdBu_r")
-    axes[0].set(title="token + position embeddings (64 × 77)", xlabel="position", ylabel="channel")
-    axes[1].imshow(ours[0].T, aspect="auto", cmap="RdBu_r")
-    axes[1].set(title="encoder output (64 × 77)", xlabel="position", ylabel="channel")
-    plt.show()
-    """),
-    md(r"""
-    The padding positions (after the first `<|endoftext|>`) all start from the *same* token embedding (only
-    the position embedding differs); after the layers they differ, because each has attended to the
-    whole prompt before it.
+# %%
+layer = clip.layers[0].attention
+layer.store_attention = True
+with torch.no_grad():
+    clip(ids)
+weights = layer.attention_weights[0, :, :n_real + 3, :n_real + 3]  # (heads, L, L), the first positions
+layer.store_attention = False
 
-    ## Summary
+fig, axes = plt.subplots(1, 5, figsize=(12, 2.8))
+mask = torch.ones(n_real + 3, n_real + 3).tril()
+axes[0].imshow(mask, cmap="Greys", vmin=0, vmax=1)
+axes[0].set_title("causal mask (black = may attend)", fontsize=9)
+for h, ax in enumerate(axes[1:]):
+    ax.imshow(weights[h], cmap="viridis")
+    ax.set_title(f"layer 0, head {h}", fontsize=9)
+for ax in axes:
+    ax.set(xticks=[], yticks=[], xlabel="key", ylabel="query")
+plt.show()
 
-    * The tokenizer: normalise → split into words → byte-level BPE with 48,894 ranked merges →
-      `<|startoftext|>` … `<|endoftext|>`, padded to 77 ids.
-    * The encoder: token + position embeddings, 12 pre-norm layers of causal self-attention and a
-      QuickGELU MLP, a final layer norm: (B, 77) ids → (B, 77, 768) vectors, 123 M parameters.
-    * `sdlab`'s tokenizer gives the ids of `transformers.CLIPTokenizer`, and its encoder the outputs
-      of `transformers.CLIPTextModel` with the same weights.
+# %%
+with torch.no_grad():
+    embedded = clip.embedding(ids)[0]
+fig, axes = plt.subplots(1, 2, figsize=(11, 2.8))
+axes[0].imshow(embedded.T, aspect="auto", cmap="RdBu_r")
+axes[0].set(title="token + position embeddings (64 × 77)", xlabel="position", ylabel="channel")
+axes[1].imshow(ours[0].T, aspect="auto", cmap="RdBu_r")
+axes[1].set(title="encoder output (64 × 77)", xlabel="position", ylabel="channel")
+plt.show()
 
-    ## Exercises
-
-    1. Find a common English word that BPE splits into three or more tokens. How many tokens does
-       your name take? An emoji?
-    2. Write a prompt longer than 77 tokens. What does the tokenizer warn, and which words does
-       Stable Diffusion never see?
-    3. Replace the causal mask with no mask in `CLIPLayer` and check that the parity test fails.
-       Which positions still agree, and why?
-    4. Show that the output at position 3 does not change when you change the word at position 5.
-    """),
-]
+# %% [markdown]
+# The padding positions (after the first `<|endoftext|>`) all start from the *same* token embedding (only
+# the position embedding differs); after the layers they differ, because each has attended to the
+# whole prompt before it.
+#
+# ## Summary
+#
+# * The tokenizer: normalise → split into words → byte-level BPE with 48,894 ranked merges →
+#   `<|startoftext|>` … `<|endoftext|>`, padded to 77 ids.
+# * The encoder: token + position embeddings, 12 pre-norm layers of causal self-attention and a
+#   QuickGELU MLP, a final layer norm: (B, 77) ids → (B, 77, 768) vectors, 123 M parameters.
+# * `sdlab`'s tokenizer gives the ids of `transformers.CLIPTokenizer`, and its encoder the outputs
+#   of `transformers.CLIPTextModel` with the same weights.
+#
+# ## Exercises
+#
+# 1. Find a common English word that BPE splits into three or more tokens. How many tokens does
+#    your name take? An emoji?
+# 2. Write a prompt longer than 77 tokens. What does the tokenizer warn, and which words does
+#    Stable Diffusion never see?
+# 3. Replace the causal mask with no mask in `CLIPLayer` and check that the parity test fails.
+#    Which positions still agree, and why?
+# 4. Show that the output at position 3 does not change when you change the word at position 5.

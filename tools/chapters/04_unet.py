@@ -1,210 +1,213 @@
-from nbtools import code, md, setup
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+# ---
 
-CELLS = [
-    md(r"""
-    # 4. The U-Net
+# %% [markdown]
+# # 4. The U-Net
+#
+# The U-Net is the network that is trained, and 80 % of Stable Diffusion's parameters. Given the
+# noisy latents $z_t$ (B, 4, 64, 64), the timestep $t$ and the text context $c$ (B, 77, 768), it
+# predicts the noise $\varepsilon_\theta(z_t, t, c)$ that was added. This chapter builds it from
+# its parts: the time embedding, residual blocks that take the time, transformer blocks that take
+# the text, and the skip connections that give the U its shape.
 
-    The U-Net is the network that is trained, and 80 % of Stable Diffusion's parameters. Given the
-    noisy latents $z_t$ (B, 4, 64, 64), the timestep $t$ and the text context $c$ (B, 77, 768), it
-    predicts the noise $\varepsilon_\theta(z_t, t, c)$ that was added. This chapter builds it from
-    its parts: the time embedding, residual blocks that take the time, transformer blocks that take
-    the text, and the skip connections that give the U its shape.
-    """),
-    setup(),
-    md(r"""
-    ## The sinusoidal time embedding
+# %% tags=["hide-input"]
+# book-setup: tools/setup_cell.py goes here when the notebook is built
 
-    The timestep is a single number from 0 to 999. The network sees it as a vector of sines and
-    cosines of geometrically spaced frequencies, the positional encoding of the Transformer:
+# %% [markdown]
+# ## The sinusoidal time embedding
+#
+# The timestep is a single number from 0 to 999. The network sees it as a vector of sines and
+# cosines of geometrically spaced frequencies, the positional encoding of the Transformer:
+#
+# ```{listing} sdlab.diffusion.get_time_embedding
+# ```
 
-    ```{literalinclude} ../sdlab/diffusion.py
-    :pyobject: get_time_embedding
-    ```
-    """),
-    code(r"""
-    from sdlab.diffusion import get_time_embedding
+# %%
+from sdlab.diffusion import get_time_embedding
 
-    t = torch.arange(1000)
-    emb = get_time_embedding(t, 320)  # (1000, 320)
-    print("embedding of 1000 timesteps:", tuple(emb.shape), "| values in [-1, 1]:", bool(emb.abs().max() <= 1))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), gridspec_kw={"width_ratios": [1.4, 1]})
-    axes[0].imshow(emb.T, aspect="auto", cmap="RdBu_r", interpolation="antialiased")
-    axes[0].set(xlabel="timestep t", ylabel="channel", title="get_time_embedding(t, 320): cosines, then sines")
-    for i in (0, 20, 60, 120):
-        axes[1].plot(t, emb[:, i], label=f"channel {i}")
-    axes[1].set(xlabel="timestep t", title="a few channels")
-    axes[1].legend(fontsize=8, loc="lower left")
-    plt.show()
-    """, check=False),
-    md(r"""
-    Low channels oscillate fast and tell nearby timesteps apart; high channels vary slowly and
-    say roughly where in the schedule we are. A small MLP (`TimeEmbedding`) maps the 320 numbers to
-    1280, the width every residual block reads:
+t = torch.arange(1000)
+emb = get_time_embedding(t, 320)  # (1000, 320)
+print("embedding of 1000 timesteps:", tuple(emb.shape), "| values in [-1, 1]:", bool(emb.abs().max() <= 1))
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), gridspec_kw={"width_ratios": [1.4, 1]})
+axes[0].imshow(emb.T, aspect="auto", cmap="RdBu_r", interpolation="antialiased")
+axes[0].set(xlabel="timestep t", ylabel="channel", title="get_time_embedding(t, 320): cosines, then sines")
+for i in (0, 20, 60, 120):
+    axes[1].plot(t, emb[:, i], label=f"channel {i}")
+axes[1].set(xlabel="timestep t", title="a few channels")
+axes[1].legend(fontsize=9, loc="lower left")
+plt.show()
 
-    ```{literalinclude} ../sdlab/diffusion.py
-    :pyobject: TimeEmbedding
-    ```
+# %% [markdown]
+# Low channels oscillate fast and tell nearby timesteps apart; high channels vary slowly and
+# say roughly where in the schedule we are. A small MLP (`TimeEmbedding`) maps the 320 numbers to
+# 1280, the width every residual block reads:
+#
+# ```{listing} sdlab.diffusion.TimeEmbedding
+# ```
+#
+# ## Residual blocks that take the time
+#
+# Each residual block normalises, convolves, **adds a per-channel shift computed from the time
+# embedding**, normalises and convolves again, and adds its input back (through a 1×1
+# convolution when the width changes):
+#
+# ```{listing} sdlab.diffusion.UNET_ResidualBlock
+# ```
+#
+# ## Transformer blocks that take the text
+#
+# At the three highest resolutions, each residual block is followed by a transformer block over
+# the pixels: self-attention between the pixels, **cross-attention from the pixels to the 77 text
+# vectors**, and a GEGLU feed-forward layer, each with its layer norm and residual connection.
+# This is the only place the prompt enters the U-Net.
+#
+# ```{listing} sdlab.diffusion.UNET_AttentionBlock
+# ```
 
-    ## Residual blocks that take the time
+# %% tags=["nbval-check-output"]
+from sdlab.diffusion import UNET_AttentionBlock, UNET_ResidualBlock
 
-    Each residual block normalises, convolves, **adds a per-channel shift computed from the time
-    embedding**, normalises and convolves again, and adds its input back (through a 1×1
-    convolution when the width changes):
+res = UNET_ResidualBlock(64, 128, n_time=1280).eval()
+attn = UNET_AttentionBlock(n_head=8, n_embd=16, d_context=768).eval()  # 8 heads of 16 = 128 channels
+x, time, context = torch.randn(1, 64, 16, 16), torch.randn(1, 1280), torch.randn(1, 77, 768)
+with torch.no_grad():
+    h = res(x, time)
+    y = attn(h, context)
+print("residual block: ", tuple(x.shape), "->", tuple(h.shape))
+print("attention block:", tuple(h.shape), "+ context", tuple(context.shape), "->", tuple(y.shape))
 
-    ```{literalinclude} ../sdlab/diffusion.py
-    :pyobject: UNET_ResidualBlock
-    ```
+# %% [markdown]
+# ## The U: encoder, bottleneck, decoder, skip connections
+#
+# ```{listing} sdlab.diffusion.UNET
+# ```
+#
+# The encoder halves the resolution three times (64 → 32 → 16 → 8), the decoder doubles it back.
+# Every encoder layer's output is kept, and the decoder layer at the mirrored position
+# concatenates it to its input on the channel axis. Without these *skip connections* the fine
+# detail lost in down-sampling could not be recovered. Here are the outputs of every layer of
+# SD1.5's U-Net for a 512×512 image (64×64 latents), traced on the meta device:
 
-    ## Transformer blocks that take the text
+# %% tags=["nbval-check-output"]
+from sdlab import SD15
+from sdlab.diffusion import Diffusion
 
-    At the three highest resolutions, each residual block is followed by a transformer block over
-    the pixels: self-attention between the pixels, **cross-attention from the pixels to the 77 text
-    vectors**, and a GEGLU feed-forward layer, each with its layer norm and residual connection.
-    This is the only place the prompt enters the U-Net.
+with torch.device("meta"):
+    unet = Diffusion(SD15.unet)
+    shapes = {}
+    hooks = [layer.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape)))
+             for name, layer in [*[(f"encoders.{i}", block) for i, block in enumerate(unet.unet.encoders)],
+                                 ("bottleneck", unet.unet.bottleneck),
+                                 *[(f"decoders.{i}", block) for i, block in enumerate(unet.unet.decoders)]]]
+    out = unet(torch.zeros(1, 4, 64, 64), torch.zeros(1, 77, 768), torch.zeros(1, 320))  # (B, 320): an embedded timestep
+for hook in hooks:
+    hook.remove()
+for name, shape in shapes.items():
+    print(f"{name:12s} -> {shape}")
+print("output       ->", tuple(out.shape))
 
-    ```{literalinclude} ../sdlab/diffusion.py
-    :pyobject: UNET_AttentionBlock
-    ```
-    """),
-    code(r"""
-    from sdlab.diffusion import UNET_AttentionBlock, UNET_ResidualBlock
+# %%
+names = list(shapes)
+sizes = [shapes[n][2] for n in names]
+widths = [shapes[n][1] for n in names]
+fig, ax = plt.subplots(figsize=(11, 3.4))
+ax.bar(range(len(names)), widths, color=["#6fa8dc" if n.startswith("enc") else "#e06666" if n == "bottleneck"
+                                           else "#93c47d" for n in names])
+for i, (w, s) in enumerate(zip(widths, sizes)):
+    ax.text(i, w + 20, f"{s}²", ha="center", fontsize=9)
+n_enc = len(unet.unet.encoders)
+for k in range(n_enc):  # skip connection: encoder k feeds decoder (n_enc - 1 - k)
+    start, end = k, n_enc + 1 + (n_enc - 1 - k)
+    ax.annotate("", xy=(end, -60), xytext=(start, -60),
+                arrowprops=dict(arrowstyle="->", color="#999999", lw=0.7, connectionstyle="arc3,rad=0.25"))
+ax.set_xticks(range(len(names)), [n.replace("encoders.", "e").replace("decoders.", "d").replace("bottleneck", "mid")
+                                  for n in names], fontsize=9)
+ax.set(ylabel="channels", ylim=(-450, 1450),
+       title="SD1.5 U-Net: width of each layer's output (label: resolution); arcs: skip connections")
+plt.show()
 
-    res = UNET_ResidualBlock(64, 128, n_time=1280).eval()
-    attn = UNET_AttentionBlock(n_head=8, n_embd=16, d_context=768).eval()  # 8 heads of 16 = 128 channels
-    x, time, context = torch.randn(1, 64, 16, 16), torch.randn(1, 1280), torch.randn(1, 77, 768)
-    with torch.no_grad():
-        h = res(x, time)
-        y = attn(h, context)
-    print("residual block: ", tuple(x.shape), "->", tuple(h.shape))
-    print("attention block:", tuple(h.shape), "+ context", tuple(context.shape), "->", tuple(y.shape))
-    """, check=True),
-    md(r"""
-    ## The U: encoder, bottleneck, decoder, skip connections
 
-    ```{literalinclude} ../sdlab/diffusion.py
-    :pyobject: UNET
-    ```
+# %% [markdown]
+# ## Parameters per block
+#
+# SD1.5's U-Net has 859,520,964 parameters. Most sit at the two lowest resolutions, where the
+# width is 1280: the attention and the convolutions cost width² per pixel, and there are few
+# pixels but many channels.
 
-    The encoder halves the resolution three times (64 → 32 → 16 → 8), the decoder doubles it back.
-    Every encoder layer's output is kept, and the decoder layer at the mirrored position
-    concatenates it to its input on the channel axis. Without these *skip connections* the fine
-    detail lost in down-sampling could not be recovered. Here are the outputs of every layer of
-    SD1.5's U-Net for a 512×512 image (64×64 latents), traced on the meta device:
-    """),
-    code(r"""
-    from sdlab import SD15
-    from sdlab.diffusion import Diffusion
+# %% tags=["nbval-check-output"]
+def count(module):
+    return sum(p.numel() for p in module.parameters())
 
-    with torch.device("meta"):
-        unet = Diffusion(SD15.unet)
-        shapes = {}
-        hooks = [layer.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape)))
-                 for name, layer in [*[(f"encoders.{i}", l) for i, l in enumerate(unet.unet.encoders)],
-                                     ("bottleneck", unet.unet.bottleneck),
-                                     *[(f"decoders.{i}", l) for i, l in enumerate(unet.unet.decoders)]]]
-        out = unet(torch.zeros(1, 4, 64, 64), torch.zeros(1, 77, 768), torch.zeros(1, 320))  # (B, 320): an embedded timestep
-    for hook in hooks:
-        hook.remove()
-    for name, shape in shapes.items():
-        print(f"{name:12s} -> {shape}")
-    print("output       ->", tuple(out.shape))
-    """, check=True),
-    code(r"""
-    names = list(shapes)
-    sizes = [shapes[n][2] for n in names]
-    widths = [shapes[n][1] for n in names]
-    fig, ax = plt.subplots(figsize=(11, 3.4))
-    ax.bar(range(len(names)), widths, color=["#6fa8dc" if n.startswith("enc") else "#e06666" if n == "bottleneck"
-                                               else "#93c47d" for n in names])
-    for i, (w, s) in enumerate(zip(widths, sizes)):
-        ax.text(i, w + 20, f"{s}²", ha="center", fontsize=7)
-    n_enc = len(unet.unet.encoders)
-    for k in range(n_enc):  # skip connection: encoder k feeds decoder (n_enc - 1 - k)
-        start, end = k, n_enc + 1 + (n_enc - 1 - k)
-        ax.annotate("", xy=(end, -60), xytext=(start, -60),
-                    arrowprops=dict(arrowstyle="->", color="#999999", lw=0.7, connectionstyle="arc3,rad=0.25"))
-    ax.set_xticks(range(len(names)), [n.replace("encoders.", "e").replace("decoders.", "d").replace("bottleneck", "mid")
-                                      for n in names], fontsize=8)
-    ax.set(ylabel="channels", ylim=(-450, 1450),
-           title="SD1.5 U-Net: width of each layer's output (label: resolution); arcs: skip connections")
-    plt.show()
-    """),
-    md(r"""
-    ## Parameters per block
+print(f"{'time_embedding':14s} {count(unet.time_embedding):>12,d}")
+for i, layer in enumerate(unet.unet.encoders):
+    kinds = "+".join(type(block).__name__.replace("UNET_", "").replace("Block", "") for block in layer)
+    print(f"encoders.{i:<5d} {count(layer):>12,d}  {kinds}")
+print(f"{'bottleneck':14s} {count(unet.unet.bottleneck):>12,d}")
+for i, layer in enumerate(unet.unet.decoders):
+    kinds = "+".join(type(block).__name__.replace("UNET_", "").replace("Block", "") for block in layer)
+    print(f"decoders.{i:<5d} {count(layer):>12,d}  {kinds}")
+print(f"{'final':14s} {count(unet.final):>12,d}")
+print(f"{'total':14s} {count(unet):>12,d}")
 
-    SD1.5's U-Net has 859,520,964 parameters. Most sit at the two lowest resolutions, where the
-    width is 1280: the attention and the convolutions cost width² per pixel, and there are few
-    pixels but many channels.
-    """),
-    code(r"""
-    def count(module):
-        return sum(p.numel() for p in module.parameters())
+# %% [markdown]
+# ## Parity with diffusers
+#
+# A small U-Net (two levels of 32 and 64 channels, one attention level, 2 heads) with random
+# weights: `sdlab` writes its weights in the original checkpoint's key layout
+# (`model_converter.to_standard`), `diffusers`' own single-file converter reads them into a
+# `UNet2DConditionModel`, and both predict the noise for the same input. Two independent key
+# mappings and two implementations must agree.
 
-    print(f"{'time_embedding':14s} {count(unet.time_embedding):>12,d}")
-    for i, layer in enumerate(unet.unet.encoders):
-        kinds = "+".join(type(l).__name__.replace("UNET_", "").replace("Block", "") for l in layer)
-        print(f"encoders.{i:<5d} {count(layer):>12,d}  {kinds}")
-    print(f"{'bottleneck':14s} {count(unet.unet.bottleneck):>12,d}")
-    for i, layer in enumerate(unet.unet.decoders):
-        kinds = "+".join(type(l).__name__.replace("UNET_", "").replace("Block", "") for l in layer)
-        print(f"decoders.{i:<5d} {count(layer):>12,d}  {kinds}")
-    print(f"{'final':14s} {count(unet.final):>12,d}")
-    print(f"{'total':14s} {count(unet):>12,d}")
-    """, check=True),
-    md(r"""
-    ## Parity with diffusers
+# %% tags=["nbval-check-output"]
+import warnings
 
-    A small U-Net (two levels of 32 and 64 channels, one attention level, 2 heads) with random
-    weights: `sdlab` writes its weights in the original checkpoint's key layout
-    (`model_converter.to_standard`), `diffusers`' own single-file converter reads them into a
-    `UNet2DConditionModel`, and both predict the noise for the same input. Two independent key
-    mappings and two implementations must agree.
-    """),
-    code(r"""
-    import warnings
+from diffusers import UNet2DConditionModel
+from diffusers.loaders import single_file_utils
+from sdlab import UNetConfig, model_converter
 
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders import single_file_utils
-    from sdlab import UNetConfig, model_converter
+small = UNetConfig(base_channels=32, channel_mult=(1, 2), attention_levels=(True, False), n_res_blocks=1,
+                   n_head=2, d_context=48, n_groups=8, time_dim=32)
+reference_config = dict(sample_size=16, in_channels=4, out_channels=4, cross_attention_dim=48, attention_head_dim=2,
+                        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+torch.manual_seed(0)
+ours = Diffusion(small).eval()
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    reference = UNet2DConditionModel(**reference_config).eval()
+    original = model_converter.to_standard({"diffusion": ours})
+    print(reference.load_state_dict(single_file_utils.convert_ldm_unet_checkpoint(original, reference_config)))
 
-    small = UNetConfig(base_channels=32, channel_mult=(1, 2), attention_levels=(True, False), n_res_blocks=1,
-                       n_head=2, d_context=48, n_groups=8, time_dim=32)
-    reference_config = dict(sample_size=16, in_channels=4, out_channels=4, cross_attention_dim=48, attention_head_dim=2,
-                            block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-                            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    torch.manual_seed(0)
-    ours = Diffusion(small).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reference = UNet2DConditionModel(**reference_config).eval()
-        original = model_converter.to_standard({"diffusion": ours})
-        print(reference.load_state_dict(single_file_utils.convert_ldm_unet_checkpoint(original, reference_config)))
+latents, context, timesteps = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 48), torch.tensor([10, 700])
+with torch.no_grad():
+    a = ours(latents, context, timesteps)
+    b = reference(latents, timesteps, context).sample
+print(f"parameters: {count(ours):,} | output {tuple(a.shape)} | max |difference| < 1e-5: {(a - b).abs().max().item() < 1e-5}")
 
-    latents, context, timesteps = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 48), torch.tensor([10, 700])
-    with torch.no_grad():
-        a = ours(latents, context, timesteps)
-        b = reference(latents, timesteps, context).sample
-    print(f"parameters: {count(ours):,} | output {tuple(a.shape)} | max |difference| < 1e-5: {(a - b).abs().max().item() < 1e-5}")
-    """, check=True),
-    md(r"""
-    ## Summary
-
-    * $\varepsilon_\theta(z_t, t, c)$: (B, 4, h, w) latents + timestep + (B, 77, 768) text → (B, 4, h, w) noise.
-    * The timestep enters as a sinusoidal embedding + MLP, added as a per-channel shift in every
-      residual block; the text enters only through cross-attention in the transformer blocks.
-    * Encoder (64 → 8), bottleneck, decoder (8 → 64), with a skip connection from every encoder
-      layer to its mirror: 25 layers, 859,520,964 parameters for SD1.5.
-    * `sdlab`'s U-Net matches `diffusers`' `UNet2DConditionModel` with the same weights.
-
-    ## Exercises
-
-    1. Feed the same latents with two different timesteps to the small U-Net. Which layer is the
-       first whose output differs? And with two different contexts?
-    2. Set `attention_levels=(False, False, False, False)` for SD1.5's sizes. How many parameters
-       are left, and what could such a model still learn?
-    3. Remove one skip connection (replace it with zeros of the same shape) and explain why the
-       U-Net cannot be trained to reproduce fine detail without it.
-    4. Why does the time embedding use frequencies up to $10000^{-1}$ when $t$ only goes to 999?
-    """),
-]
+# %% [markdown]
+# ## Summary
+#
+# * $\varepsilon_\theta(z_t, t, c)$: (B, 4, h, w) latents + timestep + (B, 77, 768) text → (B, 4, h, w) noise.
+# * The timestep enters as a sinusoidal embedding + MLP, added as a per-channel shift in every
+#   residual block; the text enters only through cross-attention in the transformer blocks.
+# * Encoder (64 → 8), bottleneck, decoder (8 → 64), with a skip connection from every encoder
+#   layer to its mirror: 25 layers, 859,520,964 parameters for SD1.5.
+# * `sdlab`'s U-Net matches `diffusers`' `UNet2DConditionModel` with the same weights.
+#
+# ## Exercises
+#
+# 1. Feed the same latents with two different timesteps to the small U-Net. Which layer is the
+#    first whose output differs? And with two different contexts?
+# 2. Set `attention_levels=(False, False, False, False)` for SD1.5's sizes. How many parameters
+#    are left, and what could such a model still learn?
+# 3. Remove one skip connection (replace it with zeros of the same shape) and explain why the
+#    U-Net cannot be trained to reproduce fine detail without it.
+# 4. Why does the time embedding use frequencies up to $10000^{-1}$ when $t$ only goes to 999?

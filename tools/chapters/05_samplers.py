@@ -1,337 +1,341 @@
-from nbtools import code, md, setup
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+# ---
 
-CELLS = [
-    md(r"""
-    # 5. DDPM and samplers
+# %% [markdown]
+# # 5. DDPM and samplers
+#
+# The U-Net of chapter 4 predicts noise. This chapter is about what that is for: the *forward
+# process* that turns images into noise during training, the noise *schedule*, and the
+# *samplers* that run the process backwards, from noise to image, in 20 to 1000 steps.
 
-    The U-Net of chapter 4 predicts noise. This chapter is about what that is for: the *forward
-    process* that turns images into noise during training, the noise *schedule*, and the
-    *samplers* that run the process backwards, from noise to image, in 20 to 1000 steps.
-    """),
-    setup(),
-    md(r"""
-    ## The forward process
+# %% tags=["hide-input"]
+# book-setup: tools/setup_cell.py goes here when the notebook is built
 
-    Training corrupts a clean latent $x_0$ in $T = 1000$ small Gaussian steps of variances
-    $\beta_1 \dots \beta_T$. With $\alpha_t = 1 - \beta_t$ and $\bar\alpha_t = \prod_{s \le t} \alpha_s$
-    any step can be reached in one jump:
+# %% [markdown]
+# ## The forward process
+#
+# Training corrupts a clean latent $x_0$ in $T = 1000$ small Gaussian steps of variances
+# $\beta_1 \dots \beta_T$. With $\alpha_t = 1 - \beta_t$ and $\bar\alpha_t = \prod_{s \le t} \alpha_s$
+# any step can be reached in one jump:
+#
+# $$x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon, \qquad \epsilon \sim \mathcal{N}(0, I).$$
+#
+# ```{listing} sdlab.schedule.Sampler.add_noise
+# ```
+#
+# Stable Diffusion applies it to latents, but it is easier to see on pixels. Here is the
+# astronaut photo of `scikit-image`, in $[-1, 1]$, noised to a few timesteps with SD's schedule:
 
-    $$x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon, \qquad \epsilon \sim \mathcal{N}(0, I).$$
+# %%
+from PIL import Image
+from skimage import data
+from sdlab.ddpm import DDPMSampler
+from sdlab.schedule import make_betas
 
-    ```{literalinclude} ../sdlab/ddpm.py
-    :pyobject: Sampler.add_noise
-    ```
+photo = np.array(Image.fromarray(data.astronaut()).resize((96, 96), Image.Resampling.LANCZOS))
+x0 = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, 96, 96) in [-1, 1]
+sampler = DDPMSampler(torch.Generator().manual_seed(0))
+noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
 
-    Stable Diffusion applies it to latents, but it is easier to see on pixels. Here is the
-    astronaut photo of `scikit-image`, in $[-1, 1]$, noised to a few timesteps with SD's schedule:
-    """),
-    code(r"""
-    from PIL import Image
-    from skimage import data
-    from sdlab.ddpm import DDPMSampler, make_betas
+def show(x):
+    return ((x[0].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy()
 
-    photo = np.array(Image.fromarray(data.astronaut()).resize((96, 96), Image.Resampling.LANCZOS))
-    x0 = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, 96, 96) in [-1, 1]
-    sampler = DDPMSampler(torch.Generator().manual_seed(0))
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+def show_jpeg(fig, quality=85):
+    import io
+    from IPython.display import Image as Picture, display
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="jpeg", pil_kwargs={"quality": quality})
+    plt.close(fig)
+    display(Picture(buffer.getvalue(), format="jpeg", width=round(fig.get_figwidth() * fig.dpi)))  # 2x pixels
 
-    def show(x):
-        return ((x[0].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy()
+steps = [0, 100, 250, 500, 750, 999]
+fig, axes = plt.subplots(1, len(steps), figsize=(11, 2.2))
+for ax, t in zip(axes, steps):
+    ax.imshow(show(sampler.add_noise(x0, t, noise)))
+    ax.set_title(f"t = {t}, ᾱ = {sampler.alphas_cumprod[t]:.3f}", fontsize=9)
+    ax.axis("off")
+show_jpeg(fig)
 
-    def show_jpeg(fig, quality=85):
-        import io
-        from IPython.display import Image as Picture, display
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="jpeg", pil_kwargs={"quality": quality})
-        plt.close(fig)
-        display(Picture(buffer.getvalue(), format="jpeg"))
+# %% [markdown]
+# ## Beta schedules, $\bar\alpha_t$ and the signal-to-noise ratio
+#
+# DDPM used a *linear* schedule, $\beta_t$ from $10^{-4}$ to $0.02$. Stable Diffusion uses a
+# *scaled linear* one: $\sqrt{\beta_t}$ linear from $\sqrt{0.00085}$ to $\sqrt{0.012}$. What matters
+# is $\bar\alpha_t$, the fraction of the signal's variance left, or the signal-to-noise ratio
+# $\operatorname{SNR}(t) = \bar\alpha_t / (1 - \bar\alpha_t)$.
+#
+# ```{listing} sdlab.schedule.make_betas
+# ```
 
-    steps = [0, 100, 250, 500, 750, 999]
-    fig, axes = plt.subplots(1, len(steps), figsize=(11, 2.2))
-    for ax, t in zip(axes, steps):
-        ax.imshow(show(sampler.add_noise(x0, t, noise)))
-        ax.set_title(f"t = {t}, ᾱ = {sampler.alphas_cumprod[t]:.3f}", fontsize=9)
-        ax.axis("off")
-    show_jpeg(fig)
-    """),
-    md(r"""
-    ## Beta schedules, $\bar\alpha_t$ and the signal-to-noise ratio
+# %%
+schedules = {
+    "SD scaled_linear (0.00085, 0.012)": make_betas(1000, 0.00085, 0.012, "scaled_linear"),
+    "DDPM linear (1e-4, 0.02)": make_betas(1000, 1e-4, 0.02, "linear"),
+    "linear (0.00085, 0.012)": make_betas(1000, 0.00085, 0.012, "linear"),
+}
+fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+for name, betas in schedules.items():
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    axes[0].plot(betas, label=name)
+    axes[1].plot(alpha_bar, label=name)
+    axes[2].semilogy(alpha_bar / (1 - alpha_bar), label=name)
+axes[0].set(title="β_t", xlabel="t")
+axes[1].set(title="ᾱ_t (signal variance left)", xlabel="t")
+axes[2].set(title="SNR(t) = ᾱ / (1 − ᾱ)", xlabel="t")
+axes[0].legend(fontsize=9)
+plt.tight_layout()
+plt.show()
+for name, betas in schedules.items():
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    print(f"{name:36s} ᾱ_999 = {alpha_bar[-1].item():.4f}   SNR(999) = {(alpha_bar[-1] / (1 - alpha_bar[-1])).item():.4f}")
 
-    DDPM used a *linear* schedule, $\beta_t$ from $10^{-4}$ to $0.02$. Stable Diffusion uses a
-    *scaled linear* one: $\sqrt{\beta_t}$ linear from $\sqrt{0.00085}$ to $\sqrt{0.012}$. What matters
-    is $\bar\alpha_t$, the fraction of the signal's variance left, or the signal-to-noise ratio
-    $\operatorname{SNR}(t) = \bar\alpha_t / (1 - \bar\alpha_t)$.
+# %% tags=["nbval-check-output"]
+for name, betas in schedules.items():
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    print(f"{name:36s} ᾱ_999 ≈ {alpha_bar[-1].item():.3f}")
 
-    ```{literalinclude} ../sdlab/ddpm.py
-    :pyobject: make_betas
-    ```
-    """),
-    code(r"""
-    schedules = {
-        "SD scaled_linear (0.00085, 0.012)": make_betas(1000, 0.00085, 0.012, "scaled_linear"),
-        "DDPM linear (1e-4, 0.02)": make_betas(1000, 1e-4, 0.02, "linear"),
-        "linear (0.00085, 0.012)": make_betas(1000, 0.00085, 0.012, "linear"),
-    }
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for name, betas in schedules.items():
-        alpha_bar = torch.cumprod(1 - betas, 0)
-        axes[0].plot(betas, label=name)
-        axes[1].plot(alpha_bar, label=name)
-        axes[2].semilogy(alpha_bar / (1 - alpha_bar), label=name)
-    axes[0].set(title="β_t", xlabel="t")
-    axes[1].set(title="ᾱ_t (signal variance left)", xlabel="t")
-    axes[2].set(title="SNR(t) = ᾱ / (1 − ᾱ)", xlabel="t")
-    axes[0].legend(fontsize=7)
-    plt.tight_layout()
+# %% [markdown]
+# SD's final $\bar\alpha$ is 0.005, not 0: the last training step still holds a little of the
+# image (an observation that led [Lin et al. 2023](https://arxiv.org/abs/2305.08891) to propose
+# zero-terminal-SNR schedules).
+#
+# ### Explore: schedule and timestep
+#
+# Move the sliders to see the photo at timestep $t$ under any schedule. Widgets need a running
+# kernel: in the rendered book the controls appear with the picture of their initial values, and
+# the small-multiples figure below shows the same exploration statically.
+
+# %%
+import ipywidgets as widgets
+
+def noised(beta_start, beta_end, schedule, t):
+    alpha_bar = torch.cumprod(1 - make_betas(1000, beta_start, beta_end, schedule), 0)[t]
+    return show(alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise), alpha_bar.item()
+
+def explore(beta_start=0.00085, beta_end=0.012, schedule="scaled_linear", t=250):
+    image, alpha_bar = noised(beta_start, beta_end, schedule, t)
+    fig, ax = plt.subplots(figsize=(1.95, 1.95))
+    ax.imshow(image)
+    ax.set_title(f"t = {t}, ᾱ = {alpha_bar:.3f}", fontsize=10)
+    ax.axis("off")
     plt.show()
-    for name, betas in schedules.items():
-        alpha_bar = torch.cumprod(1 - betas, 0)
-        print(f"{name:36s} ᾱ_999 = {alpha_bar[-1].item():.4f}   SNR(999) = {(alpha_bar[-1] / (1 - alpha_bar[-1])).item():.4f}")
-    """, check=False),
-    code(r"""
-    for name, betas in schedules.items():
-        alpha_bar = torch.cumprod(1 - betas, 0)
-        print(f"{name:36s} ᾱ_999 ≈ {alpha_bar[-1].item():.3f}")
-    """, check=True),
-    md(r"""
-    SD's final $\bar\alpha$ is 0.005, not 0: the last training step still holds a little of the
-    image (an observation that led [Lin et al. 2023](https://arxiv.org/abs/2305.08891) to propose
-    zero-terminal-SNR schedules).
 
-    ### Explore: schedule and timestep
+widgets.interact(
+    explore,
+    beta_start=widgets.FloatLogSlider(value=0.00085, base=10, min=-5, max=-2, step=0.1, continuous_update=False),
+    beta_end=widgets.FloatLogSlider(value=0.012, base=10, min=-3, max=-0.5, step=0.1, continuous_update=False),
+    schedule=widgets.Dropdown(options=["scaled_linear", "linear"], value="scaled_linear"),
+    t=widgets.IntSlider(value=250, min=0, max=999, step=1, continuous_update=False),
+);
 
-    Move the sliders to see the photo at timestep $t$ under any schedule. Widgets need a running
-    kernel: in the rendered book the controls appear with the picture of their initial values, and
-    the small-multiples figure below shows the same exploration statically.
-    """),
-    code(r"""
-    import ipywidgets as widgets
+# %%
+settings = [("scaled_linear", 0.00085, 0.012), ("linear", 0.00085, 0.012), ("linear", 1e-4, 0.02), ("scaled_linear", 0.00085, 0.03)]
+times = [50, 200, 400, 600, 800, 999]
+fig, axes = plt.subplots(len(settings), len(times), figsize=(10, 7))
+for row, (schedule, start, end) in enumerate(settings):
+    for col, t in enumerate(times):
+        image, alpha_bar = noised(start, end, schedule, t)
+        axes[row, col].imshow(image)
+        axes[row, col].set_xticks([])
+        axes[row, col].set_yticks([])
+        axes[row, col].set_title(f"t={t}  ᾱ={alpha_bar:.2f}", fontsize=9)
+    axes[row, 0].set_ylabel(f"{schedule}\n{start:g} → {end:g}", fontsize=9)
+fig.suptitle("the static version of the explorer: rows = schedules, columns = timesteps", fontsize=10)
+plt.tight_layout()
+show_jpeg(fig)  # noise compresses badly as PNG: a JPEG keeps the notebook small
 
-    def noised(beta_start, beta_end, schedule, t):
-        alpha_bar = torch.cumprod(1 - make_betas(1000, beta_start, beta_end, schedule), 0)[t]
-        return show(alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise), alpha_bar.item()
+# %% [markdown]
+# ## The reverse step
+#
+# A network $\epsilon_\theta(x_t, t)$ trained to predict the noise gives an estimate of the clean
+# image, $\hat x_0 = (x_t - \sqrt{1 - \bar\alpha_t}\,\epsilon_\theta) / \sqrt{\bar\alpha_t}$. DDPM then
+# samples $x_{t-1}$ from the Gaussian posterior $q(x_{t-1} \mid x_t, \hat x_0)$: a weighted mean of
+# $\hat x_0$ and $x_t$, plus a little fresh noise.
+#
+# ```{listing} sdlab.ddpm.DDPMSampler.step
+# ```
+#
+# ## A 2-D toy diffusion, trained in seconds
+#
+# To see a sampler at work without a U-Net, we diffuse *points in the plane*. The data are 2-D
+# points on a spiral; the "U-Net" is a small MLP that takes a point $x_t$ and the sinusoidal
+# embedding of $t$ (chapter 4) and predicts the noise. Training is the loss of DDPM,
+# $\lVert \epsilon - \epsilon_\theta(\sqrt{\bar\alpha_t} x_0 + \sqrt{1 - \bar\alpha_t}\,\epsilon, t) \rVert^2$
+# with random $t$, with `sdlab`'s own `add_noise` and schedule (SD's).
 
-    def explore(beta_start=0.00085, beta_end=0.012, schedule="scaled_linear", t=250):
-        image, alpha_bar = noised(beta_start, beta_end, schedule, t)
-        fig, ax = plt.subplots(figsize=(2.6, 2.6), dpi=60)
-        ax.imshow(image)
-        ax.set_title(f"t = {t}, ᾱ = {alpha_bar:.3f}", fontsize=10)
-        ax.axis("off")
-        plt.show()
+# %% tags=["nbval-check-output"]
+import time
+from sdlab.diffusion import get_time_embedding
 
-    widgets.interact(
-        explore,
-        beta_start=widgets.FloatLogSlider(value=0.00085, base=10, min=-5, max=-2, step=0.1, continuous_update=False),
-        beta_end=widgets.FloatLogSlider(value=0.012, base=10, min=-3, max=-0.5, step=0.1, continuous_update=False),
-        schedule=widgets.Dropdown(options=["scaled_linear", "linear"], value="scaled_linear"),
-        t=widgets.IntSlider(value=250, min=0, max=999, step=1, continuous_update=False),
-    );
-    """),
-    code(r"""
-    settings = [("scaled_linear", 0.00085, 0.012), ("linear", 0.00085, 0.012), ("linear", 1e-4, 0.02), ("scaled_linear", 0.00085, 0.03)]
-    times = [50, 200, 400, 600, 800, 999]
-    fig, axes = plt.subplots(len(settings), len(times), figsize=(10, 7))
-    for row, (schedule, start, end) in enumerate(settings):
-        for col, t in enumerate(times):
-            image, alpha_bar = noised(start, end, schedule, t)
-            axes[row, col].imshow(image)
-            axes[row, col].set_xticks([])
-            axes[row, col].set_yticks([])
-            axes[row, col].set_title(f"t={t}  ᾱ={alpha_bar:.2f}", fontsize=8)
-        axes[row, 0].set_ylabel(f"{schedule}\n{start:g} → {end:g}", fontsize=8)
-    fig.suptitle("the static version of the explorer: rows = schedules, columns = timesteps", fontsize=10)
-    plt.tight_layout()
-    show_jpeg(fig)  # noise compresses badly as PNG: a JPEG keeps the notebook small
-    """),
-    md(r"""
-    ## The reverse step
+def spiral(n, generator):
+    s = torch.rand(n, generator=generator) * 3 * np.pi + 1.0
+    points = torch.stack([s * torch.cos(s), s * torch.sin(s)], 1) / 5.0
+    return points + 0.03 * torch.randn(n, 2, generator=generator)
 
-    A network $\epsilon_\theta(x_t, t)$ trained to predict the noise gives an estimate of the clean
-    image, $\hat x_0 = (x_t - \sqrt{1 - \bar\alpha_t}\,\epsilon_\theta) / \sqrt{\bar\alpha_t}$. DDPM then
-    samples $x_{t-1}$ from the Gaussian posterior $q(x_{t-1} \mid x_t, \hat x_0)$: a weighted mean of
-    $\hat x_0$ and $x_t$, plus a little fresh noise.
+class ToyDenoiser(torch.nn.Module):
+    def __init__(self, width=128, time_dim=32):
+        super().__init__()
+        self.time_dim = time_dim
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(2 + time_dim, width), torch.nn.SiLU(),
+            torch.nn.Linear(width, width), torch.nn.SiLU(),
+            torch.nn.Linear(width, width), torch.nn.SiLU(),
+            torch.nn.Linear(width, 2))
 
-    ```{literalinclude} ../sdlab/ddpm.py
-    :pyobject: DDPMSampler.step
-    ```
+    def forward(self, x, t):
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        return self.net(torch.cat([x, get_time_embedding(t, self.time_dim)], 1))
 
-    ## A 2-D toy diffusion, trained in seconds
+torch.set_num_threads(1)  # tiny matrices: one thread is faster than two fighting over them
+g = torch.Generator().manual_seed(0)
+torch.manual_seed(0)
+toy = ToyDenoiser()
+optimizer = torch.optim.Adam(toy.parameters(), lr=3e-3)
+lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=4000)
+schedule = DDPMSampler()
+losses, start = [], time.perf_counter()
+for step in range(4000):
+    x0_batch = spiral(512, g)
+    t = torch.randint(0, 1000, (512,), generator=g)
+    eps = torch.randn(512, 2, generator=g)
+    loss = torch.nn.functional.mse_loss(toy(schedule.add_noise(x0_batch, t, eps), t), eps)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    lr_schedule.step()
+    losses.append(loss.item())
+toy.eval()
+print(f"trained {sum(p.numel() for p in toy.parameters()):,} parameters for 4000 steps")
 
-    To see a sampler at work without a U-Net, we diffuse *points in the plane*. The data are 2-D
-    points on a spiral; the "U-Net" is a small MLP that takes a point $x_t$ and the sinusoidal
-    embedding of $t$ (chapter 4) and predicts the noise. Training is the loss of DDPM,
-    $\lVert \epsilon - \epsilon_\theta(\sqrt{\bar\alpha_t} x_0 + \sqrt{1 - \bar\alpha_t}\,\epsilon, t) \rVert^2$
-    with random $t$, with `sdlab`'s own `add_noise` and schedule (SD's).
-    """),
-    code(r"""
-    import time
-    from sdlab.diffusion import get_time_embedding
+# %%
+smooth = np.convolve(losses, np.ones(50) / 50, mode="valid")
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+axes[0].plot(losses, alpha=0.3, lw=0.6)
+axes[0].plot(np.arange(49, len(losses)), smooth)
+axes[0].set(title="training loss (noise MSE)", xlabel="step", ylim=(0, 1.1))
+data_points = spiral(2000, torch.Generator().manual_seed(5))
+axes[1].scatter(*data_points.T, s=2)
+axes[1].set(title="the data: 2-D points on a spiral", aspect="equal")
+plt.show()
 
-    def spiral(n, generator):
-        s = torch.rand(n, generator=generator) * 3 * np.pi + 1.0
-        points = torch.stack([s * torch.cos(s), s * torch.sin(s)], 1) / 5.0
-        return points + 0.03 * torch.randn(n, 2, generator=generator)
+# %% [markdown]
+# Every `sdlab` sampler is driven by the same loop, the one the pipeline of chapter 6 runs with
+# the U-Net. Here is DDPM with 500 steps, recording the cloud of points on the way:
 
-    class ToyDenoiser(torch.nn.Module):
-        def __init__(self, width=128, time_dim=32):
-            super().__init__()
-            self.time_dim = time_dim
-            self.net = torch.nn.Sequential(
-                torch.nn.Linear(2 + time_dim, width), torch.nn.SiLU(),
-                torch.nn.Linear(width, width), torch.nn.SiLU(),
-                torch.nn.Linear(width, width), torch.nn.SiLU(),
-                torch.nn.Linear(width, 2))
+# %%
+from sdlab.samplers import make_sampler
 
-        def forward(self, x, t):
-            t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-            return self.net(torch.cat([x, get_time_embedding(t, self.time_dim)], 1))
+@torch.no_grad()
+def sample(name, n_steps, n_points=2000, seed=0, record=()):
+    generator = torch.Generator().manual_seed(seed)
+    sampler = make_sampler(name, generator)
+    sampler.set_inference_timesteps(n_steps)
+    x = torch.randn(n_points, 2, generator=generator) * sampler.init_noise_sigma
+    frames = {}
+    for i, t in enumerate(sampler.timesteps):
+        eps = toy(sampler.scale_model_input(x, t), t)
+        x = sampler.step(t, x, eps)
+        if i in record:
+            frames[int(t)] = x.clone() / (sampler.sigmas[i + 1] ** 2 + 1) ** 0.5 if sampler.sigmas is not None else x.clone()
+    return x, frames
 
-    torch.set_num_threads(1)  # tiny matrices: one thread is faster than two fighting over them
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    toy = ToyDenoiser()
-    optimizer = torch.optim.Adam(toy.parameters(), lr=3e-3)
-    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=4000)
-    schedule = DDPMSampler()
-    losses, start = [], time.perf_counter()
-    for step in range(4000):
-        x0_batch = spiral(512, g)
-        t = torch.randint(0, 1000, (512,), generator=g)
-        eps = torch.randn(512, 2, generator=g)
-        loss = torch.nn.functional.mse_loss(toy(schedule.add_noise(x0_batch, t, eps), t), eps)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        lr_schedule.step()
-        losses.append(loss.item())
-    toy.eval()
-    print(f"trained {sum(p.numel() for p in toy.parameters()):,} parameters for 4000 steps")
-    """, check=True),
-    code(r"""
-    smooth = np.convolve(losses, np.ones(50) / 50, mode="valid")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-    axes[0].plot(losses, alpha=0.3, lw=0.6)
-    axes[0].plot(np.arange(49, len(losses)), smooth)
-    axes[0].set(title="training loss (noise MSE)", xlabel="step", ylim=(0, 1.1))
-    data_points = spiral(2000, torch.Generator().manual_seed(5))
-    axes[1].scatter(*data_points.T, s=2)
-    axes[1].set(title="the data: 2-D points on a spiral", aspect="equal")
-    plt.show()
-    """),
-    md(r"""
-    Every `sdlab` sampler is driven by the same loop, the one the pipeline of chapter 6 runs with
-    the U-Net. Here is DDPM with 500 steps, recording the cloud of points on the way:
-    """),
-    code(r"""
-    from sdlab.samplers import make_sampler
+final, frames = sample("ddpm", 500, record=(0, 250, 400, 450, 480, 499))
+fig, axes = plt.subplots(1, len(frames), figsize=(12, 2.3))
+for ax, (t, points) in zip(axes, frames.items()):
+    ax.scatter(*points.T, s=1)
+    ax.set(title=f"after t = {t}", xlim=(-3, 3), ylim=(-3, 3), xticks=[], yticks=[], aspect="equal")
+plt.show()
 
-    @torch.no_grad()
-    def sample(name, n_steps, n_points=2000, seed=0, record=()):
-        generator = torch.Generator().manual_seed(seed)
-        sampler = make_sampler(name, generator)
-        sampler.set_inference_timesteps(n_steps)
-        x = torch.randn(n_points, 2, generator=generator) * sampler.init_noise_sigma
-        frames = {}
-        for i, t in enumerate(sampler.timesteps):
-            eps = toy(sampler.scale_model_input(x, t), t)
-            x = sampler.step(t, x, eps)
-            if i in record:
-                frames[int(t)] = x.clone() / (sampler.sigmas[i + 1] ** 2 + 1) ** 0.5 if sampler.sigmas is not None else x.clone()
-        return x, frames
+# %% [markdown]
+# ## DDIM, Euler, DPM++ side by side
+#
+# DDPM needs many steps because each step only removes a little noise and adds some back.
+# Faster samplers see sampling as solving an ODE (or SDE) in the noise level and take bigger,
+# smarter steps:
+#
+# * **DDIM** ([Song et al. 2020](https://arxiv.org/abs/2010.02502)): deterministic; jumps from
+#   $t$ to $t'$ along the direction of the predicted noise.
+# * **Euler** ([Karras et al. 2022](https://arxiv.org/abs/2206.00364)): Euler's method on the
+#   probability-flow ODE in $\sigma = \sqrt{(1 - \bar\alpha)/\bar\alpha}$.
+# * **Euler a**: Euler, plus fresh noise at each step (ancestral).
+# * **DPM++ 2M** ([Lu et al. 2022](https://arxiv.org/abs/2211.01095)): a second-order multistep
+#   solver that reuses the previous step's prediction.
+#
+# ```{listing} sdlab.samplers.DDIMSampler.step
+# ```
+#
+# Same model, same starting noise, 10 and 25 steps each:
 
-    final, frames = sample("ddpm", 500, record=(0, 250, 400, 450, 480, 499))
-    fig, axes = plt.subplots(1, len(frames), figsize=(12, 2.3))
-    for ax, (t, points) in zip(axes, frames.items()):
+# %%
+names = ["ddpm", "ddim", "euler", "euler_a", "dpmpp_2m"]
+fig, axes = plt.subplots(2, len(names), figsize=(12, 5))
+reference_points = spiral(2000, torch.Generator().manual_seed(5))
+for row, n_steps in enumerate((10, 25)):
+    for col, name in enumerate(names):
+        points, _ = sample(name, n_steps)
+        ax = axes[row, col]
+        ax.scatter(*reference_points.T, s=1, color="#dddddd")
         ax.scatter(*points.T, s=1)
-        ax.set(title=f"after t = {t}", xlim=(-3, 3), ylim=(-3, 3), xticks=[], yticks=[], aspect="equal")
-    plt.show()
-    """),
-    md(r"""
-    ## DDIM, Euler, DPM++ side by side
+        ax.set(xlim=(-3, 3), ylim=(-3, 3), xticks=[], yticks=[], aspect="equal")
+        ax.set_title(f"{name}, {n_steps} steps", fontsize=9)
+plt.tight_layout()
+plt.show()
 
-    DDPM needs many steps because each step only removes a little noise and adds some back.
-    Faster samplers see sampling as solving an ODE (or SDE) in the noise level and take bigger,
-    smarter steps:
+# %% [markdown]
+# To compare them with a number, measure how far each generated point lies from the nearest
+# point of the data (lower is better; the data's own noise is 0.03):
 
-    * **DDIM** ([Song et al. 2020](https://arxiv.org/abs/2010.02502)): deterministic; jumps from
-      $t$ to $t'$ along the direction of the predicted noise.
-    * **Euler** ([Karras et al. 2022](https://arxiv.org/abs/2206.00364)): Euler's method on the
-      probability-flow ODE in $\sigma = \sqrt{(1 - \bar\alpha)/\bar\alpha}$.
-    * **Euler a**: Euler, plus fresh noise at each step (ancestral).
-    * **DPM++ 2M** ([Lu et al. 2022](https://arxiv.org/abs/2211.01095)): a second-order multistep
-      solver that reuses the previous step's prediction.
+# %%
+reference_points = spiral(5000, torch.Generator().manual_seed(5))
+print("mean distance to the data   " + "".join(f"{name:>10s}" for name in names))
+for n_steps in (5, 10, 25, 100):
+    distances = [torch.cdist(sample(name, n_steps)[0], reference_points).min(1).values.mean().item() for name in names]
+    print(f"{n_steps:4d} steps                  " + "".join(f"{d:10.3f}" for d in distances))
 
-    ```{literalinclude} ../sdlab/samplers.py
-    :pyobject: DDIMSampler.step
-    ```
+# %% [markdown]
+# With 5 or 10 steps every sampler is still rough; the second-order DPM++ 2M is usually the
+# best at few steps because it reuses the previous prediction to correct its step. By 25 to 100
+# steps they all converge to what the model has learned, and the remaining error is the model's,
+# not the sampler's. This is why Stable Diffusion is usually run with 20-30 steps of DPM++ 2M or
+# Euler a rather than 1000 of DDPM.
+#
+# The noise levels each sampler visits:
 
-    Same model, same starting noise, 10 and 25 steps each:
-    """),
-    code(r"""
-    names = ["ddpm", "ddim", "euler", "euler_a", "dpmpp_2m"]
-    fig, axes = plt.subplots(2, len(names), figsize=(12, 5))
-    reference_points = spiral(2000, torch.Generator().manual_seed(5))
-    for row, n_steps in enumerate((10, 25)):
-        for col, name in enumerate(names):
-            points, _ = sample(name, n_steps)
-            ax = axes[row, col]
-            ax.scatter(*reference_points.T, s=1, color="#dddddd")
-            ax.scatter(*points.T, s=1)
-            ax.set(xlim=(-3, 3), ylim=(-3, 3), xticks=[], yticks=[], aspect="equal")
-            ax.set_title(f"{name}, {n_steps} steps", fontsize=9)
-    plt.tight_layout()
-    plt.show()
-    """),
-    md(r"""
-    To compare them with a number, measure how far each generated point lies from the nearest
-    point of the data (lower is better; the data's own noise is 0.03):
-    """),
-    code(r"""
-    reference_points = spiral(5000, torch.Generator().manual_seed(5))
-    print("mean distance to the data   " + "".join(f"{name:>10s}" for name in names))
-    for n_steps in (5, 10, 25, 100):
-        distances = [torch.cdist(sample(name, n_steps)[0], reference_points).min(1).values.mean().item() for name in names]
-        print(f"{n_steps:4d} steps                  " + "".join(f"{d:10.3f}" for d in distances))
-    """),
-    md(r"""
-    With 5 or 10 steps every sampler is still rough; the second-order DPM++ 2M is usually the
-    best at few steps because it reuses the previous prediction to correct its step. By 25 to 100
-    steps they all converge to what the model has learned, and the remaining error is the model's,
-    not the sampler's. This is why Stable Diffusion is usually run with 20-30 steps of DPM++ 2M or
-    Euler a rather than 1000 of DDPM.
+# %%
+fig, ax = plt.subplots(figsize=(8, 3))
+for name in ("ddpm", "ddim", "euler", "euler_karras", "dpmpp_2m"):
+    s = make_sampler(name)
+    s.set_inference_timesteps(20)
+    t = s.timesteps.float()
+    sigma = (((1 - s.alphas_cumprod) / s.alphas_cumprod) ** 0.5)[t.round().long()]
+    ax.semilogy(range(len(t)), sigma, "o-", ms=3, label=name)
+ax.set(xlabel="step", ylabel="σ_t", title="20 steps: the noise level at each step")
+ax.legend(fontsize=9)
+plt.show()
+print({name: len(make_sampler(name).timesteps) for name in ("ddpm", "ddim", "euler", "dpmpp_2m")})
 
-    The noise levels each sampler visits:
-    """),
-    code(r"""
-    fig, ax = plt.subplots(figsize=(8, 3))
-    for name in ("ddpm", "ddim", "euler", "euler_karras", "dpmpp_2m"):
-        s = make_sampler(name)
-        s.set_inference_timesteps(20)
-        t = s.timesteps.float()
-        sigma = (((1 - s.alphas_cumprod) / s.alphas_cumprod) ** 0.5)[t.round().long()]
-        ax.semilogy(range(len(t)), sigma, "o-", ms=3, label=name)
-    ax.set(xlabel="step", ylabel="σ_t", title="20 steps: the noise level at each step")
-    ax.legend(fontsize=8)
-    plt.show()
-    print({name: len(make_sampler(name).timesteps) for name in ("ddpm", "ddim", "euler", "dpmpp_2m")})
-    """),
-    md(r"""
-    ## Summary
-
-    * Forward process: $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1 - \bar\alpha_t}\,\epsilon$; the
-      schedule $\beta_t$ fixes how fast the signal fades (SD: scaled linear, $\bar\alpha_{999} = 0.005$).
-    * The network predicts $\epsilon$; from it, $\hat x_0$; a sampler turns $\hat x_0$ and $x_t$ into
-      a less noisy $x_{t'}$.
-    * DDPM needs hundreds of steps; DDIM, Euler and DPM++ 2M give good samples in 10-25.
-    * Every `sdlab` sampler runs the same loop: `scale_model_input`, model, `step`.
-
-    ## Exercises
-
-    1. Train the toy model with the DDPM linear schedule (`DDPMSampler(beta_schedule="linear",
-       beta_start=1e-4, beta_end=0.02)`). Does sampling get better or worse at 25 steps?
-    2. Plot $\hat x_0$ (not $x_t$) at each DDPM step. When does the spiral "appear"?
-    3. Run DDIM with `eta=1.0` (`make_sampler("ddim", g, eta=1.0)`) and compare it with DDPM.
-    4. Measure the quality of the samples: the mean distance from each generated point to the
-       nearest data point, for each sampler and 5, 10, 25, 50 steps. Plot it.
-    """),
-]
+# %% [markdown]
+# ## Summary
+#
+# * Forward process: $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1 - \bar\alpha_t}\,\epsilon$; the
+#   schedule $\beta_t$ fixes how fast the signal fades (SD: scaled linear, $\bar\alpha_{999} = 0.005$).
+# * The network predicts $\epsilon$; from it, $\hat x_0$; a sampler turns $\hat x_0$ and $x_t$ into
+#   a less noisy $x_{t'}$.
+# * DDPM needs hundreds of steps; DDIM, Euler and DPM++ 2M give good samples in 10-25.
+# * Every `sdlab` sampler runs the same loop: `scale_model_input`, model, `step`.
+#
+# ## Exercises
+#
+# 1. Train the toy model with the DDPM linear schedule (`DDPMSampler(beta_schedule="linear",
+#    beta_start=1e-4, beta_end=0.02)`). Does sampling get better or worse at 25 steps?
+# 2. Plot $\hat x_0$ (not $x_t$) at each DDPM step. When does the spiral "appear"?
+# 3. Run DDIM with `eta=1.0` (`make_sampler("ddim", g, eta=1.0)`) and compare it with DDPM.
+# 4. Measure the quality of the samples: the mean distance from each generated point to the
+#    nearest data point, for each sampler and 5, 10, 25, 50 steps. Plot it.

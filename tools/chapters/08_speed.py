@@ -1,319 +1,325 @@
-from nbtools import code, md, setup
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+# ---
 
-CELLS = [
-    md(r"""
-    # 8. Fast and lean
+# %% [markdown]
+# # 8. Fast and lean
+#
+# The chapters so far wrote every formula out, because that is how one learns it. This chapter
+# asks what it costs. A 512×512 image is 20-50 U-Net evaluations on a batch of two (classifier-free
+# guidance), plus one VAE decode; each choice below changes that cost, and none of them may change
+# the picture by more than the precision it trades. We measure each choice on **SD1.5-size layers**
+# (random weights: the speed of a layer does not depend on its values), then on the **tiny model**,
+# and end with whole 512×512 images against `diffusers` from `python -m sdlab bench`.
+#
+# Timings are the best of a few runs on the machine that executed this notebook (2 CPU cores for
+# the rendered book); rerun the cells on yours.
 
-    The chapters so far wrote every formula out, because that is how one learns it. This chapter
-    asks what it costs. A 512×512 image is 20-50 U-Net evaluations on a batch of two (classifier-free
-    guidance), plus one VAE decode; each choice below changes that cost, and none of them may change
-    the picture by more than the precision it trades. We measure each choice on **SD1.5-size layers**
-    (random weights: the speed of a layer does not depend on its values), then on the **tiny model**,
-    and end with whole 512×512 images against `diffusers` from `python -m sdlab bench`.
+# %% tags=["hide-input"]
+# book-setup: tools/setup_cell.py goes here when the notebook is built
 
-    Timings are the best of a few runs on the machine that executed this notebook (2 CPU cores for
-    the rendered book); rerun the cells on yours.
-    """),
-    setup(),
-    code(r"""
-    import os
-    import time
+# %%
+import os
+import time
 
-    torch.set_num_threads(os.cpu_count())  # SD1.5-size layers: use every core (the setup chose 1)
-    print("threads:", torch.get_num_threads())
+torch.set_num_threads(os.cpu_count())  # SD1.5-size layers: every core the machine has
+print("threads:", torch.get_num_threads())
 
-    def best_time(fn, repeat=3):
-        fn()  # warm-up (first calls allocate and pick kernels)
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
+def best_time(fn, repeat=3):
+    fn()  # warm-up (first calls allocate and pick kernels)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
-    def max_diff(a, b):
-        return (a.double() - b.double()).abs().max().item()
-    """),
-    md(r"""
-    ## Where the time goes
+def max_diff(a, b):
+    return (a.double() - b.double()).abs().max().item()
 
-    PyTorch can count the floating-point operations of a forward pass without running it: build
-    the SD1.5 U-Net on the `meta` device (shapes only, no memory) and run it under a
-    `FlopCounterMode`.
-    """),
-    code(r"""
-    from torch.utils.flop_counter import FlopCounterMode
 
-    from sdlab.config import SD15
-    from sdlab.diffusion import Diffusion
+# %% [markdown]
+# ## Where the time goes
+#
+# PyTorch can count the floating-point operations of a forward pass without running it: build
+# the SD1.5 U-Net on the `meta` device (shapes only, no memory) and run it under a
+# `FlopCounterMode`.
 
-    with torch.device("meta"):
-        unet = Diffusion(SD15.unet)
-        latents, context, t = torch.randn(2, 4, 64, 64), torch.randn(2, 77, 768), torch.randn(2, 320)
-        with FlopCounterMode(display=False) as counter:
-            unet(latents, context, t)
-    by_op = {str(op).split(".")[1]: flops for op, flops in counter.get_flop_counts()["Global"].items()}
-    kinds = {"convolutions": by_op.get("convolution", 0), "linear layers": by_op.get("addmm", 0) + by_op.get("mm", 0),
-             "attention (QKᵀ and AV)": by_op.get("bmm", 0) + by_op.get("_scaled_dot_product_flash_attention", 0)}
-    total = counter.get_total_flops()
-    print(f"one U-Net step at 512x512 with CFG (batch 2): {total / 1e12:.2f} TFLOP")
-    for name, flops in kinds.items():
-        print(f"  {name:24s} {flops / 1e12:.3f} TFLOP ({flops / total:.0%})")
-    """, check=True),
-    md(r"""
-    Convolutions dominate, then the linear layers of the transformer blocks (projections and the
-    GEGLU feed-forward); attention's own products are a sixth. Two CPU cores do roughly 0.15-0.2
-    TFLOP/s in fp32, so one step takes about ten seconds whoever wrote the U-Net: the gains come from
-    doing the same arithmetic with fewer memory round-trips, in a cheaper number format, or fewer
-    times (fewer sampler steps).
+# %% tags=["nbval-check-output"]
+from torch.utils.flop_counter import FlopCounterMode
 
-    ## Attention: the explicit formula against the fused kernel
+from sdlab.config import SD15
+from sdlab.diffusion import Diffusion
 
-    ```{literalinclude} ../sdlab/attention.py
-    :pyobject: scaled_dot_product
-    ```
+with torch.device("meta"):
+    unet = Diffusion(SD15.unet)
+    latents, context, t = torch.randn(2, 4, 64, 64), torch.randn(2, 77, 768), torch.randn(2, 320)
+    with FlopCounterMode(display=False) as counter:
+        unet(latents, context, t)
+by_op = {str(op).split(".")[1]: flops for op, flops in counter.get_flop_counts()["Global"].items()}
+kinds = {"convolutions": by_op.get("convolution", 0), "linear layers": by_op.get("addmm", 0) + by_op.get("mm", 0),
+         "attention (QKᵀ and AV)": by_op.get("bmm", 0) + by_op.get("_scaled_dot_product_flash_attention", 0)}
+total = counter.get_total_flops()
+print(f"one U-Net step at 512x512 with CFG (batch 2): {total / 1e12:.2f} TFLOP")
+for name, flops in kinds.items():
+    print(f"  {name:24s} {flops / 1e12:.3f} TFLOP ({flops / total:.0%})")
 
-    At the U-Net's first level a latent image of 64×64 is a sequence of 4,096 pixels. The explicit
-    formula materialises the scores $QK^\top$: batch 2 × 8 heads × 4096 × 4096 floats, **1 GiB**
-    per self-attention layer. The fused kernel (`scaled_dot_product_attention`) computes the same
-    softmax in tiles that stay in cache (the online softmax of FlashAttention) and never stores the
-    matrix. The sliced backend is the explicit formula over 1,024 queries at a time: a quarter of
-    the memory, the same arithmetic.
-    """),
-    code(r"""
-    from sdlab.attention import SelfAttention, attention_backend
+# %% [markdown]
+# Convolutions dominate, then the linear layers of the transformer blocks (projections and the
+# GEGLU feed-forward); attention's own products are a sixth. Two CPU cores do roughly 0.15-0.2
+# TFLOP/s in fp32, so one step takes about ten seconds whoever wrote the U-Net: the gains come from
+# doing the same arithmetic with fewer memory round-trips, in a cheaper number format, or fewer
+# times (fewer sampler steps).
+#
+# ## Attention: the explicit formula against the fused kernel
+#
+# ```{listing} sdlab.attention.scaled_dot_product
+# ```
+#
+# At the U-Net's first level a latent image of 64×64 is a sequence of 4,096 pixels. The explicit
+# formula materialises the scores $QK^\top$: batch 2 × 8 heads × 4096 × 4096 floats, **1 GiB**
+# per self-attention layer. The fused kernel (`scaled_dot_product_attention`) computes the same
+# softmax in tiles that stay in cache (the online softmax of FlashAttention) and never stores the
+# matrix. The sliced backend is the explicit formula over 1,024 queries at a time: a quarter of
+# the memory, the same arithmetic.
 
-    attention = SelfAttention(8, 320, in_proj_bias=False).eval()
-    x = torch.randn(2, 4096, 320)
-    outputs, seconds = {}, {}
-    with torch.no_grad():
-        for backend in ("math", "sliced", "sdpa"):
-            with attention_backend(backend, slice_size=1024):
-                outputs[backend] = attention(x)
-                seconds[backend] = best_time(lambda: attention(x))
-    scores_gib = {"math": 2 * 8 * 4096 * 4096 * 4 / 2**30, "sliced": 2 * 8 * 1024 * 4096 * 4 / 2**30, "sdpa": 0.0}
-    for backend in seconds:
-        print(f"{backend:7s} {seconds[backend]:.3f} s   scores alive at once: {scores_gib[backend]:.2f} GiB   "
-              f"max |diff| vs math: {max_diff(outputs[backend], outputs['math']):.1e}")
-    """),
-    md(r"""
-    The fused kernel is the default (`attention_backend("sdpa")`); the explicit formula stays one
-    `with` away, and it is what `store_attention` uses to show the attention maps of chapter 1.
+# %%
+from sdlab.attention import SelfAttention, attention_backend
 
-    ## bfloat16 autocast
+attention = SelfAttention(8, 320, in_proj_bias=False).eval()
+x = torch.randn(2, 4096, 320)
+outputs, seconds = {}, {}
+with torch.no_grad():
+    for backend in ("math", "sliced", "sdpa"):
+        with attention_backend(backend, slice_size=1024):
+            outputs[backend] = attention(x)
+            seconds[backend] = best_time(lambda: attention(x))
+scores_gib = {"math": 2 * 8 * 4096 * 4096 * 4 / 2**30, "sliced": 2 * 8 * 1024 * 4096 * 4 / 2**30, "sdpa": 0.0}
+for backend in seconds:
+    print(f"{backend:7s} {seconds[backend]:.3f} s   scores alive at once: {scores_gib[backend]:.2f} GiB   "
+          f"max |diff| vs math: {max_diff(outputs[backend], outputs['math']):.1e}")
 
-    `bfloat16` keeps float32's 8-bit exponent and drops 16 bits of mantissa: no overflow, about
-    three significant digits. CPUs with AVX512-BF16 or AMX multiply bf16 matrices at twice the fp32
-    rate or more. Under `torch.autocast("cpu", dtype=torch.bfloat16)` the convolutions and matrix
-    products run in bf16 while normalisations and softmax stay in fp32; sdlab also keeps the U-Net's
-    first and last convolutions in fp32 (`full_precision`), since the last one sets the precision of
-    the noise prediction. One SD1.5 residual block and one transformer block at the 32×32 level:
-    """),
-    code(r"""
-    from sdlab.bench import bf16_supported
-    from sdlab.diffusion import UNET_AttentionBlock, UNET_ResidualBlock
+# %% [markdown]
+# The fused kernel is the default (`attention_backend("sdpa")`); the explicit formula stays one
+# `with` away, and it is what `store_attention` uses to show the attention maps of chapter 1.
+#
+# ## bfloat16 autocast
+#
+# `bfloat16` keeps float32's 8-bit exponent and drops 16 bits of mantissa: no overflow, about
+# three significant digits. CPUs with AVX512-BF16 or AMX multiply bf16 matrices at twice the fp32
+# rate or more. Under `torch.autocast("cpu", dtype=torch.bfloat16)` the convolutions and matrix
+# products run in bf16 while normalisations and softmax stay in fp32; sdlab also keeps the U-Net's
+# first and last convolutions in fp32 (`full_precision`), since the last one sets the precision of
+# the noise prediction. One SD1.5 residual block and one transformer block at the 32×32 level:
 
-    torch.manual_seed(0)
-    res_block, attn_block = UNET_ResidualBlock(640, 640).eval(), UNET_AttentionBlock(8, 80).eval()
-    feature, emb, ctx = torch.randn(2, 640, 32, 32), torch.randn(2, 1280), torch.randn(2, 77, 768)
+# %%
+from sdlab.bench import bf16_supported
+from sdlab.diffusion import UNET_AttentionBlock, UNET_ResidualBlock
 
-    def blocks():
-        return attn_block(res_block(feature, emb), ctx)
+torch.manual_seed(0)
+res_block, attn_block = UNET_ResidualBlock(640, 640).eval(), UNET_AttentionBlock(8, 80).eval()
+feature, emb, ctx = torch.randn(2, 640, 32, 32), torch.randn(2, 1280), torch.randn(2, 77, 768)
 
-    def blocks_bf16():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return blocks()
+def blocks():
+    return attn_block(res_block(feature, emb), ctx)
 
-    with torch.no_grad():
-        fp32, bf16 = blocks(), blocks_bf16()
-        t32, t16 = best_time(blocks), best_time(blocks_bf16)
-    print(f"fp32 {t32:.3f} s, bf16 autocast {t16:.3f} s ({t16 / t32:.2f}x); output std {fp32.std():.2f}, "
-          f"max |diff| {max_diff(bf16, fp32):.3f}")
-    print("this CPU has native bf16 (AVX512-BF16 / AMX):", bf16_supported())
-    """),
-    md(r"""
-    On a CPU without native bf16 the products are emulated and autocast is *slower*, and bf16
-    changes the picture slightly, so sdlab never switches it on by itself: pass
-    `generate(..., dtype=torch.bfloat16)` (command line: `--dtype bfloat16`) where
-    `bf16_supported()` is true.
+def blocks_bf16():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return blocks()
 
-    ## Memory layout: channels_last
+with torch.no_grad():
+    fp32, bf16 = blocks(), blocks_bf16()
+    t32, t16 = best_time(blocks), best_time(blocks_bf16)
+print(f"fp32 {t32:.3f} s, bf16 autocast {t16:.3f} s ({t16 / t32:.2f}x); output std {fp32.std():.2f}, "
+      f"max |diff| {max_diff(bf16, fp32):.3f}")
+print("this CPU has native bf16 (AVX512-BF16 / AMX):", bf16_supported())
 
-    A convolution kernel reads, for each output pixel, all input channels of a 3×3 window.
-    PyTorch stores images as (B, C, H, W) ("contiguous"); oneDNN, the CPU convolution library, works
-    internally in a channels-last or blocked layout and converts on the way in and out. Storing
-    activations and weights as `channels_last` removes those conversions for the convolutions, but
-    group norms and the transformer blocks (which reshape to a sequence of pixels) then pay their
-    own conversions:
-    """),
-    code(r"""
-    res_cl = UNET_ResidualBlock(640, 640).eval()
-    res_cl.load_state_dict(res_block.state_dict())
-    res_cl = res_cl.to(memory_format=torch.channels_last)
-    feature_cl = feature.to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        t_plain = best_time(lambda: res_block(feature, emb))
-        t_cl = best_time(lambda: res_cl(feature_cl, emb))
-        diff = max_diff(res_cl(feature_cl, emb), res_block(feature, emb))
-    print(f"residual block: contiguous {t_plain:.3f} s, channels_last {t_cl:.3f} s ({t_cl / t_plain:.2f}x), "
-          f"max |diff| {diff:.1e}")
-    """),
-    md(r"""
-    Layout conversions cost memory traffic, and so does one more thing the plain convolution does
-    at every call: oneDNN computes with the *weights* in a blocked layout too, and a plain
-    `nn.Conv2d` reorders its weight into it every time: 2.4 GB of copying per U-Net step.
+# %% [markdown]
+# On a CPU without native bf16 the products are emulated and autocast is *slower*, and bf16
+# changes the picture slightly, so sdlab never switches it on by itself: pass
+# `generate(..., dtype=torch.bfloat16)` (command line: `--dtype bfloat16`) where
+# `bf16_supported()` is true.
+#
+# ## Memory layout: channels_last
+#
+# A convolution kernel reads, for each output pixel, all input channels of a 3×3 window.
+# PyTorch stores images as (B, C, H, W) ("contiguous"); oneDNN, the CPU convolution library, works
+# internally in a channels-last or blocked layout and converts on the way in and out. Storing
+# activations and weights as `channels_last` removes those conversions for the convolutions, but
+# group norms and the transformer blocks (which reshape to a sequence of pixels) then pay their
+# own conversions:
 
-    ## Packing the weights once
+# %%
+res_cl = UNET_ResidualBlock(640, 640).eval()
+res_cl.load_state_dict(res_block.state_dict())
+res_cl = res_cl.to(memory_format=torch.channels_last)
+feature_cl = feature.to(memory_format=torch.channels_last)
+with torch.no_grad():
+    t_plain = best_time(lambda: res_block(feature, emb))
+    t_cl = best_time(lambda: res_cl(feature_cl, emb))
+    diff = max_diff(res_cl(feature_cl, emb), res_block(feature, emb))
+print(f"residual block: contiguous {t_plain:.3f} s, channels_last {t_cl:.3f} s ({t_cl / t_plain:.2f}x), "
+      f"max |diff| {diff:.1e}")
 
-    `sdlab.packing.packed_weights` reorders each convolution and linear weight once, for as long as a
-    `with` block runs. The convolutions then call oneDNN's inference kernel, which takes channels-last
-    activations as they are: no weight reorder, no activation conversion, and the transformer blocks'
-    reshape to a sequence of pixels becomes a free view. The linear layers call oneDNN's matrix
-    product on their packed weight. The packed weight replaces the plain one (no second copy in
-    memory) and is converted back, bit for bit, at the end of the block. `generate` does this on the
-    CPU for every float32 model call outside autocast.
+# %% [markdown]
+# Layout conversions cost memory traffic, and so does one more thing the plain convolution does
+# at every call: oneDNN computes with the *weights* in a blocked layout too, and a plain
+# `nn.Conv2d` reorders its weight into it every time: 2.4 GB of copying per U-Net step.
+#
+# ## Packing the weights once
+#
+# `sdlab.packing.packed_weights` reorders each convolution and linear weight once, for as long as a
+# `with` block runs. The convolutions then call oneDNN's inference kernel, which takes channels-last
+# activations as they are: no weight reorder, no activation conversion, and the transformer blocks'
+# reshape to a sequence of pixels becomes a free view. The linear layers call oneDNN's matrix
+# product on their packed weight. The packed weight replaces the plain one (no second copy in
+# memory) and is converted back, bit for bit, at the end of the block. `generate` does this on the
+# CPU for every float32 model call outside autocast.
+#
+# ```{listing} sdlab.packing.packed_weights
+# ```
 
-    ```{literalinclude} ../sdlab/packing.py
-    :pyobject: packed_weights
-    ```
-    """),
-    code(r"""
-    from sdlab.packing import packed_weights
+# %%
+from sdlab.packing import packed_weights
 
-    # The U-Net's 16x16 level, where the weights are largest next to the activations. Inside the U-Net a
-    # packed layer receives channels-last activations from the packed layer before it, so this one does too.
-    deep_block = UNET_ResidualBlock(1280, 1280).eval()
-    deep_feature = torch.randn(2, 1280, 16, 16).contiguous(memory_format=torch.channels_last)
-    weights_before = deep_block.conv_feature.weight.clone()
-    with torch.no_grad():
-        plain_out = deep_block(deep_feature, emb)
-        t_plain = best_time(lambda: deep_block(deep_feature, emb), repeat=5)
-        with packed_weights(deep_block):
-            packed_out = deep_block(deep_feature, emb)
-            t_packed = best_time(lambda: deep_block(deep_feature, emb), repeat=5)
-    print(f"residual block 1280 channels, 16x16: plain {t_plain:.3f} s, packed {t_packed:.3f} s "
-          f"({t_packed / t_plain:.2f}x), max |diff| {max_diff(packed_out, plain_out):.1e} (output std {plain_out.std():.2f})")
-    print("weights given back bit for bit:", torch.equal(deep_block.conv_feature.weight, weights_before))
-    """),
-    md(r"""
-    On the whole U-Net the gain is smaller than on this block (the 64×64 level's activations are
-    large next to its weights, and a fifth of the time goes to the attention products, which have no
-    weights to pack): see the benchmark below. Single-block timings on a shared machine vary by
-    ±10%; the benchmark alternates the two libraries to cancel that out.
+# The U-Net's 16x16 level, where the weights are largest next to the activations. Inside the U-Net a
+# packed layer receives channels-last activations from the packed layer before it, so this one does too.
+deep_block = UNET_ResidualBlock(1280, 1280).eval()
+deep_feature = torch.randn(2, 1280, 16, 16).contiguous(memory_format=torch.channels_last)
+weights_before = deep_block.conv_feature.weight.clone()
+with torch.no_grad():
+    plain_out = deep_block(deep_feature, emb)
+    t_plain = best_time(lambda: deep_block(deep_feature, emb), repeat=5)
+    with packed_weights(deep_block):
+        packed_out = deep_block(deep_feature, emb)
+        t_packed = best_time(lambda: deep_block(deep_feature, emb), repeat=5)
+print(f"residual block 1280 channels, 16x16: plain {t_plain:.3f} s, packed {t_packed:.3f} s "
+      f"({t_packed / t_plain:.2f}x), max |diff| {max_diff(packed_out, plain_out):.1e} (output std {plain_out.std():.2f})")
+print("weights given back bit for bit:", torch.equal(deep_block.conv_feature.weight, weights_before))
 
-    ## Fewer steps: samplers on the tiny model
+# %% [markdown]
+# On the whole U-Net the gain is smaller than on this block (the 64×64 level's activations are
+# large next to its weights, and a fifth of the time goes to the attention products, which have no
+# weights to pack): see the benchmark below. Single-block timings on a shared machine vary by
+# ±10%; the benchmark alternates the two libraries to cancel that out.
+#
+# ## Fewer steps: samplers on the tiny model
+#
+# The cheapest U-Net call is the one not made. The tiny model from chapter 7 and its analyzer
+# measure prompt following directly: the fraction of held-out prompts whose every attribute is
+# right, for three samplers and 5 to 20 steps.
 
-    The cheapest U-Net call is the one not made. The tiny model from chapter 7 and its analyzer
-    measure prompt following directly: the fraction of held-out prompts whose every attribute is
-    right, for three samplers and 5 to 20 steps.
-    """),
-    code(r"""
-    from sdlab import model_loader
-    from sdlab.analyzer import evaluate
-    from sdlab.shapes import heldout_prompts
-    from sdlab.train import generate_batch
+# %%
+from sdlab import model_loader
+from sdlab.tiny.analyzer import evaluate
+from sdlab.tiny.data import heldout_prompts
+from sdlab.tiny.evaluate import generate_batch
 
-    torch.set_num_threads(1)  # the tiny model: one thread is as fast
-    tiny = model_loader.preload_models_from_standard_weights()
-    prompts = heldout_prompts(32, seed=0)
-    seeds = list(range(1000, 1032))
-    sweep = {}
-    for sampler_name in ("ddim", "euler", "dpmpp_2m"):
-        for steps in (5, 10, 20):
-            start = time.perf_counter()
-            images = generate_batch(tiny, prompts, seeds, sampler_name, steps, cfg_scale=5.0)
-            sweep[sampler_name, steps] = (evaluate(prompts, images)["all"], time.perf_counter() - start)
-    fig, ax = plt.subplots(figsize=(6, 3))
-    for sampler_name in ("ddim", "euler", "dpmpp_2m"):
-        steps = [s for (name, s) in sweep if name == sampler_name]
-        ax.plot(steps, [sweep[sampler_name, s][0] for s in steps], "o-", label=sampler_name)
-    ax.set(xlabel="sampler steps", ylabel="held-out prompts fully right", title="tiny model, 32 held-out prompts, CFG 5")
-    ax.legend()
-    plt.show()
-    for (name, steps), (accuracy, seconds) in sweep.items():
-        print(f"{name:9s} {steps:2d} steps: {accuracy:.0%} right, {seconds:.1f} s for 32 images")
-    """),
-    md(r"""
-    DDIM and Euler reach their plateau by 10 steps on this model; DPM++ 2M, usually the best choice
-    at few steps on SD1.5, needs 20 here (at 10 it mostly gets the colours wrong): the right number
-    of steps is a property of the model as well as of the sampler, so measure it. The full evaluation
-    (200 prompts, every sampler) is in `sdlab/data/tiny_report.json`.
+torch.set_num_threads(1)  # the tiny model: one thread is as fast
+tiny = model_loader.preload_models_from_standard_weights()
+prompts = heldout_prompts(32, seed=0)
+seeds = list(range(1000, 1032))
+sweep = {}
+for sampler_name in ("ddim", "euler", "dpmpp_2m"):
+    for steps in (5, 10, 20):
+        start = time.perf_counter()
+        images = generate_batch(tiny, prompts, seeds, sampler_name, steps, cfg_scale=5.0)
+        sweep[sampler_name, steps] = (evaluate(prompts, images)["all"], time.perf_counter() - start)
+fig, ax = plt.subplots(figsize=(6, 3))
+for sampler_name in ("ddim", "euler", "dpmpp_2m"):
+    steps = [s for (name, s) in sweep if name == sampler_name]
+    ax.plot(steps, [sweep[sampler_name, s][0] for s in steps], "o-", label=sampler_name)
+ax.set(xlabel="sampler steps", ylabel="held-out prompts fully right", title="tiny model, 32 held-out prompts, CFG 5")
+ax.legend()
+plt.show()
+for (name, steps), (accuracy, seconds) in sweep.items():
+    print(f"{name:9s} {steps:2d} steps: {accuracy:.0%} right, {seconds:.1f} s for 32 images")
 
-    ## Whole images against diffusers
+# %% [markdown]
+# DDIM and Euler reach their plateau by 10 steps on this model; DPM++ 2M, usually the best choice
+# at few steps on SD1.5, needs 20 here (at 10 it mostly gets the colours wrong): the right number
+# of steps is a property of the model as well as of the sampler, so measure it. The full evaluation
+# (200 prompts, every sampler) is in `sdlab/data/tiny_report.json`.
+#
+# ## Whole images against diffusers
+#
+# `python -m sdlab bench --ckpt FILE` loads the same SD1.5-layout file into sdlab and into
+# transformers/diffusers, times each component alternately (best of 3), then generates a whole
+# 512×512 image with DPM++ 2M, 20 steps, in a fresh process per library so that each peak memory
+# is its own. The figures below were recorded by that command on random weights in the real
+# file's layout (the speed does not depend on the weights):
 
-    `python -m sdlab bench --ckpt FILE` loads the same SD1.5-layout file into sdlab and into
-    transformers/diffusers, times each component alternately (best of 3), then generates a whole
-    512×512 image with DPM++ 2M, 20 steps, in a fresh process per library so that each peak memory
-    is its own. The figures below were recorded by that command on random weights in the real
-    file's layout (the speed does not depend on the weights):
-    """),
-    code(r"""
-    import json
-    import textwrap
-    from pathlib import Path
+# %%
+import json
+import textwrap
+from importlib import resources
 
-    bench = json.loads(Path("data/bench_sd15_cpu.json").read_text())
-    print(f"torch {bench['torch']}, {bench['threads']} threads, native bf16: {bench['bf16']}")
-    print(textwrap.fill(bench["note"], 100), "\n")
-    print(f"{'component':30s} {'implementation':15s} {'seconds':>8s} {'ratio':>6s} {'max |diff|':>10s}")
-    for row in bench["components"]:
-        print(f"{row['component']:30s} {row['impl']:15s} {row['seconds']:8.2f} {row['ratio']:6.2f} {row.get('max_diff', ''):>10}")
-    print(f"\n{'whole 512x512 image':30s} {'seconds':>8s} {'ratio':>6s} {'load peak GB':>12s} {'peak GB':>8s}")
-    for row in bench["image"]:
-        print(f"{row['impl']:30s} {row['seconds']:8.1f} {row['ratio']:6.2f} {row['load_peak_rss_gb']:12.2f} {row['peak_rss_gb']:8.2f}")
-    """),
-    md(r"""
-    ## Low memory
+bench = json.loads((resources.files("sdlab") / "data" / "bench_sd15_cpu.json").read_text())  # shipped with sdlab
+print(f"torch {bench['torch']}, {bench['threads']} threads, native bf16: {bench['bf16']}")
+print(textwrap.fill(bench["note"], 100), "\n")
+print(f"{'component':30s} {'implementation':15s} {'seconds':>8s} {'ratio':>6s} {'max |diff|':>10s}")
+for row in bench["components"]:
+    print(f"{row['component']:30s} {row['impl']:15s} {row['seconds']:8.2f} {row['ratio']:6.2f} {row.get('max_diff', ''):>10}")
+print(f"\n{'whole 512x512 image':30s} {'seconds':>8s} {'ratio':>6s} {'load peak GB':>12s} {'peak GB':>8s}")
+for row in bench["image"]:
+    print(f"{row['impl']:30s} {row['seconds']:8.1f} {row['ratio']:6.2f} {row['load_peak_rss_gb']:12.2f} {row['peak_rss_gb']:8.2f}")
 
-    Three switches of `generate` bound the memory that grows with the image: `attention_slice_size`
-    (explicit attention over that many queries at a time, for devices without a fused kernel),
-    `vae_tile_size` (decode in overlapping latent tiles, blended linearly), and `idle_device` (keep
-    the models that are not running, e.g. CLIP and the VAE during denoising, on the CPU).
-    `low_memory=True` turns on what the device needs. On the tiny model sliced attention gives the
-    same pixels. Tiled decoding does not: each tile's group norms and attention see only that tile,
-    and a 64×64 picture cut into tiles of 4×4 latents is mostly seams. On a 512×512 image with the
-    default tiles of 32×32 latents the difference is small (`tests/test_speed.py` bounds it):
-    """),
-    code(r"""
-    from sdlab import pipeline
+# %% [markdown]
+# ## Low memory
+#
+# Three switches of `generate` bound the memory that grows with the image: `attention_slice_size`
+# (explicit attention over that many queries at a time, for devices without a fused kernel),
+# `vae_tile_size` (decode in overlapping latent tiles, blended linearly), and `idle_device` (keep
+# the models that are not running, e.g. CLIP and the VAE during denoising, on the CPU).
+# `low_memory=True` turns on what the device needs. On the tiny model sliced attention gives the
+# same pixels. Tiled decoding does not: each tile's group norms and attention see only that tile,
+# and a 64×64 picture cut into tiles of 4×4 latents is mostly seams. On a 512×512 image with the
+# default tiles of 32×32 latents the difference is small (`tests/test_speed.py` bounds it):
 
-    kwargs = dict(models=tiny, seed=3, height=64, width=64, sampler_name="dpmpp_2m", n_inference_steps=20,
-                  cfg_scale=5.0, progress=False)
-    prompt = "a large yellow triangle to the left of a small blue square"
-    plain = pipeline.generate(prompt, **kwargs)
-    sliced = pipeline.generate(prompt, attention_slice_size=16, **kwargs)
-    tiled = pipeline.generate(prompt, vae_tile_size=4, **kwargs)
-    fig, axes = plt.subplots(1, 3, figsize=(7, 2.6))
-    for ax, image, title in zip(axes, (plain, sliced, tiled), ("default", "sliced attention (16)", "tiled VAE (4x4 latents)")):
-        ax.imshow(image)
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-    plt.show()
-    print("sliced attention: max pixel difference", np.abs(sliced.astype(int) - plain).max())
-    print("tiled VAE decode: mean pixel difference", round(float(np.abs(tiled.astype(int) - plain).mean()), 2))
-    """),
-    md(r"""
-    ## Summary
+# %%
+from sdlab import pipeline
 
-    * One SD1.5 U-Net step at 512×512 with CFG is 1.6 TFLOP: 55% convolutions, 29% linear layers,
-      16% attention products. On a CPU, speed comes from doing that arithmetic with fewer memory
-      round-trips (fused attention), in a cheaper format (bf16 where the CPU has it), or fewer
-      times (10-20 steps of DPM++ 2M).
-    * Fused attention computes the explicit formula's result without the 1 GiB score matrix.
-    * Packing the weights once for oneDNN removes 2.4 GB of weight copying per U-Net step; it is the
-      one CPU choice that makes sdlab's float32 step faster than diffusers'.
-    * bf16 autocast changes the noise prediction by about 1% of its scale; keep the last
-      convolution in fp32 and use it only on CPUs with native bf16.
-    * `python -m sdlab bench` puts every number here next to `diffusers` on the same weights.
+kwargs = dict(models=tiny, seed=3, height=64, width=64, sampler_name="dpmpp_2m", n_inference_steps=20,
+              cfg_scale=5.0, progress=False)
+prompt = "a large yellow triangle to the left of a small blue square"
+plain = pipeline.generate(prompt, **kwargs)
+sliced = pipeline.generate(prompt, attention_slice_size=16, **kwargs)
+tiled = pipeline.generate(prompt, vae_tile_size=4, **kwargs)
+fig, axes = plt.subplots(1, 3, figsize=(7, 2.6))
+for ax, image, title in zip(axes, (plain, sliced, tiled), ("default", "sliced attention (16)", "tiled VAE (4x4 latents)")):
+    ax.imshow(image)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+plt.show()
+print("sliced attention: max pixel difference", np.abs(sliced.astype(int) - plain).max())
+print("tiled VAE decode: mean pixel difference", round(float(np.abs(tiled.astype(int) - plain).mean()), 2))
 
-    ## Exercises
-
-    1. Time `attention_backend("sliced", n)` for n = 256, 1024, 4096 on the 4096-pixel attention.
-       Why does the time hardly change while the memory falls 16×?
-    2. Count the FLOPs of the VAE decoder at 512×512 with `FlopCounterMode`. Why does a single
-       decode take longer than a U-Net step although it is called once?
-    3. Run the bf16 cell with `torch.float16` instead. What happens to the time on a CPU, and why?
-    4. With `FlopCounterMode(depth=3)`, find the U-Net level that costs most. Would attention at the
-       64×64 level be affordable without the fused kernel at 1024×1024?
-    """),
-]
+# %% [markdown]
+# ## Summary
+#
+# * One SD1.5 U-Net step at 512×512 with CFG is 1.6 TFLOP: 55% convolutions, 29% linear layers,
+#   16% attention products. On a CPU, speed comes from doing that arithmetic with fewer memory
+#   round-trips (fused attention), in a cheaper format (bf16 where the CPU has it), or fewer
+#   times (10-20 steps of DPM++ 2M).
+# * Fused attention computes the explicit formula's result without the 1 GiB score matrix.
+# * Packing the weights once for oneDNN removes 2.4 GB of weight copying per U-Net step; it is the
+#   one CPU choice that makes sdlab's float32 step faster than diffusers'.
+# * bf16 autocast changes the noise prediction by about 1% of its scale; keep the last
+#   convolution in fp32 and use it only on CPUs with native bf16.
+# * `python -m sdlab bench` puts every number here next to `diffusers` on the same weights.
+#
+# ## Exercises
+#
+# 1. Time `attention_backend("sliced", n)` for n = 256, 1024, 4096 on the 4096-pixel attention.
+#    Why does the time hardly change while the memory falls 16×?
+# 2. Count the FLOPs of the VAE decoder at 512×512 with `FlopCounterMode`. Why does a single
+#    decode take longer than a U-Net step although it is called once?
+# 3. Run the bf16 cell with `torch.float16` instead. What happens to the time on a CPU, and why?
+# 4. With `FlopCounterMode(depth=3)`, find the U-Net level that costs most. Would attention at the
+#    64×64 level be affordable without the fused kernel at 1024×1024?

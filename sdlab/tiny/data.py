@@ -17,7 +17,7 @@ Every image is drawn from a `Scene`: one or two `ShapeSpec` objects, each with
 | `position` | a 3x3 grid: top left, top, top right, left, center, right, bottom ... |
 
 Because the caption determines every attribute, a generated image can be *read back*
-by a deterministic analyzer (`sdlab.analyzer`) and compared with its prompt: this is
+by a deterministic analyzer (`sdlab.tiny.analyzer`) and compared with its prompt: this is
 how we measure whether the model follows the text.
 
 The module also defines a **held-out split**: a few attribute *combinations* (e.g. a
@@ -103,6 +103,7 @@ BACKGROUND_MAX = 24  # background grey level is drawn uniformly from [0, BACKGRO
 OFFSET_MAX = 0.04  # positional jitter, as a fraction of the image side
 SCALE_JITTER = 0.08  # relative jitter of the object size
 SUPERSAMPLE = 4  # sub-pixels per pixel side used for anti-aliasing
+IMAGE_SIZE = 64  # side of a Shapes image; the tiny model's VAE turns 64x64 pictures into 8x8x4 latents
 
 
 def position_to_grid(position: str) -> tuple[int, int]:
@@ -329,7 +330,7 @@ def coverage(obj: ShapeSpec, size: int) -> tuple[np.ndarray, tuple[slice, slice]
     return cover, (slice(y0, y1), slice(x0, x1))
 
 
-def render(scene: Scene, size: int = 64) -> np.ndarray:
+def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     """Draw a scene as an `(size, size, 3)` `uint8` RGB image."""
     image = np.full((size, size, 3), float(scene.background), dtype=np.float32)
     for obj in scene.objects:
@@ -340,9 +341,10 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
     return np.round(image).astype(np.uint8)
 
 
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """`uint8` HxWx3 image -> float CHW tensor in [-1, 1] (the diffusion convention)."""
-    return torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    r"""`uint8` images (..., H, W, 3) -> float tensor (..., 3, H, W) in [-1, 1] (the diffusion
+    convention), $x = v / 127.5 - 1$: one image HxWx3 -> CHW, or a batch (N, H, W, 3) -> (N, 3, H, W)."""
+    return torch.from_numpy(images).movedim(-1, -3).float().div(127.5).sub(1.0)
 
 
 def to_image(tensor: torch.Tensor) -> np.ndarray:
@@ -369,7 +371,7 @@ class ShapesDataset(Dataset):
         n: int,
         seed: int = 0,
         split: str = "train",
-        size: int = 64,
+        size: int = IMAGE_SIZE,
         two_object_prob: float = 0.25,
     ) -> None:
         self.size = size

@@ -1,7 +1,7 @@
 """Read a Shapes image back into attributes, to score how well a picture follows its prompt.
 
 A text-to-image model is only useful if the picture matches the text. On the Shapes
-dataset (`sdlab.shapes`) we can measure this exactly: the caption fixes every
+dataset (`sdlab.tiny.data`) we can measure this exactly: the caption fixes every
 attribute, and this module recovers the attributes from the pixels with a small,
 deterministic pipeline (no learned model, so it cannot share the generator's biases):
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from sdlab.shapes import (
+from .data import (
     PALETTE,
     RELATIONS,
     SIZE_EXTENT,
@@ -61,7 +61,7 @@ SQUARE_THRESHOLD = 0.3  # on `squareness`: 0 for round shapes, ~1 for a square
 class DetectedObject:
     """One object found in an image.
 
-    The four attributes use the vocabulary of `sdlab.shapes`; the measurements behind
+    The four attributes use the vocabulary of `sdlab.tiny.data`; the measurements behind
     them are kept for inspection: `centre` `(x, y)` and `extent` are fractions of the
     image side, `area` a fraction of the image, `rgb` the estimated object colour.
     """
