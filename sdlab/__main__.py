@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--ckpt", default=None, help="v1-5-pruned-emaonly .safetensors/.ckpt (default: the bundled tiny model)")
     gen.add_argument("--negative", default="", help="negative prompt")
-    gen.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, SD1.5 50, tiny 20)")
-    gen.add_argument("--sampler", default=None, choices=sampler_names(), help="default: the model's (SD1.5 ddpm, tiny dpmpp_2m)")
+    gen.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 20 for SD1.5 and the tiny model)")
+    gen.add_argument("--sampler", default=None, choices=sampler_names(), help="default: the model's (dpmpp_2m for SD1.5 and the tiny model)")
     gen.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's, SD1.5 7.5, tiny 5)")
     gen.add_argument("--seed", type=int, default=42, help="any integer (reduced modulo 2**64, as torch does)")
     gen.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the model's, SD1.5 512, tiny 64)")
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change, in (0, 1]")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     gen.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                     help="a LoRA file (kohya or diffusers format) merged in with SCALE (default 1); repeatable")
     gen.add_argument("--output", "-o", default="sdlab.png", help="where to write the PNG (a new file)")
     inspect = commands.add_parser("inspect", help="describe a checkpoint file without building any model")
     inspect.add_argument("file")
@@ -78,7 +80,20 @@ def check_command_line(args) -> dict:
     mask = read_picture(args.mask, "--mask", "L", "black") if args.mask is not None else None
     if mask is not None:
         check_mask_size(mask.size, image.size, "--mask")
-    return {"output": output, "device": device, "image": image, "mask": mask}
+    return {"output": output, "device": device, "image": image, "mask": mask, "loras": [lora_option(o) for o in args.lora]}
+
+
+def lora_option(option: str) -> tuple[str, float]:
+    """`--lora FILE[:SCALE]` -> (FILE, SCALE); a path that itself contains ':' keeps it unless a number follows."""
+    from . import arguments
+
+    path, _, scale = option.rpartition(":")
+    try:
+        value = float(scale)
+    except ValueError:
+        return option, 1.0
+    arguments.check_real(value, f"--lora {option!r}: the scale", fix="1.0 is as trained, 0.5 half as strong")
+    return path, value
 
 
 def generate_command(args) -> Path:
@@ -92,6 +107,11 @@ def generate_command(args) -> Path:
     checked = check_command_line(args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     models = model_loader.preload_models_from_standard_weights(args.ckpt, checked["device"], dtype=dtype)
+    if checked["loras"]:
+        from .lora import load_lora
+
+        for path, scale in checked["loras"]:
+            load_lora(models, path, scale=scale)
     chosen = pipeline.sampling_settings(models, args.height, args.width, args.sampler, args.steps, args.cfg)
     settings = {
         "prompt": args.prompt, "negative_prompt": args.negative, "sampler": chosen["sampler_name"],
@@ -99,6 +119,7 @@ def generate_command(args) -> Path:
         "height": chosen["height"], "width": chosen["width"],
         "checkpoint": Path(args.ckpt).name if args.ckpt else "sdlab tiny (bundled)",
         "init_image": args.init_image, "mask": args.mask, "strength": args.strength if args.init_image else None,
+        "loras": [{"file": Path(path).name, "scale": scale} for path, scale in checked["loras"]],
     }
     start = time.perf_counter()
     image = pipeline.generate(

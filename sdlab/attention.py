@@ -22,33 +22,40 @@ kernel. All three compute the same thing (tests/test_speed.py checks them agains
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ArgumentError
+
 BACKENDS = ("sdpa", "math", "sliced")
 DEFAULT_SLICE_SIZE = 1024
-_backend = "sdpa"
-_slice_size = DEFAULT_SLICE_SIZE
+# (backend, slice size) of the current thread (a context variable: two threads generating at once
+# with different settings do not switch each other's attention)
+_setting = contextvars.ContextVar("sdlab_attention_backend", default=("sdpa", DEFAULT_SLICE_SIZE))
+
+
+def current_backend() -> tuple[str, int]:
+    """The attention code path in force here: (`"sdpa"` | `"math"` | `"sliced"`, slice size)."""
+    return _setting.get()
 
 
 @contextlib.contextmanager
 def attention_backend(name: str, slice_size: int | None = None):
     """Use `"sdpa"` (fused, the default), `"math"` (the explicit formula) or `"sliced"` (the explicit
-    formula over `slice_size` queries at a time, default 1024) inside a `with` block."""
-    global _backend, _slice_size
+    formula over `slice_size` queries at a time, default 1024) inside a `with` block (this thread only)."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
-    if slice_size is not None and (not isinstance(slice_size, int) or slice_size < 1):
-        raise ValueError(f"slice_size must be a positive integer; got {slice_size!r}")
-    previous = _backend, _slice_size
-    _backend, _slice_size = name, slice_size or DEFAULT_SLICE_SIZE
+        raise ArgumentError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+    if slice_size is not None and (isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1):
+        raise ArgumentError(f"slice_size must be a positive integer; got {slice_size!r}")
+    token = _setting.set((name, slice_size or DEFAULT_SLICE_SIZE))
     try:
         yield
     finally:
-        _backend, _slice_size = previous
+        _setting.reset(token)
 
 
 def scaled_dot_product(q, k, v, causal: bool = False, return_weights: bool = False):
@@ -57,10 +64,11 @@ def scaled_dot_product(q, k, v, causal: bool = False, return_weights: bool = Fal
     $M$ is the causal mask: $-\infty$ above the diagonal, so token $i$ sees tokens $\le i$ only.
     Returns the output (B, H, Lq, d_k) and, with `return_weights`, the weights (B, H, Lq, Lk).
     """
-    if _backend == "sdpa" and not return_weights:
+    backend, slice_size = _setting.get()
+    if backend == "sdpa" and not return_weights:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal), None
-    if _backend == "sliced" and not return_weights and q.shape[-2] > _slice_size:
-        return sliced_dot_product(q, k, v, causal, _slice_size), None
+    if backend == "sliced" and not return_weights and q.shape[-2] > slice_size:
+        return sliced_dot_product(q, k, v, causal, slice_size), None
     return _explicit(q, k, v, causal)
 
 

@@ -580,11 +580,13 @@ def _numpy_scalar(dtype, data):
 
 numpy_scalar = _Call(_numpy_scalar)
 
-#: the three data-only globals of a PyTorch Lightning 1.4 checkpoint, as (stand-in, global) pairs
+#: the three data-only globals of a PyTorch Lightning 1.4 checkpoint, as (stand-in, global) pairs;
+#: numpy 2 pickles the scalar constructor as `numpy._core.multiarray.scalar` (files re-saved lately)
 STAND_INS = [
     (LightningModelCheckpoint, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
     (NumpyDtype, "numpy.dtype"),
     (numpy_scalar, "numpy.core.multiarray.scalar"),
+    (numpy_scalar, "numpy._core.multiarray.scalar"),
 ]
 _STAND_IN_NAMES = {name: obj for obj, name in STAND_INS}
 

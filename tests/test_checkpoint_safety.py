@@ -92,6 +92,15 @@ def test_lightning_fp32_loads_exactly(lightning_file, small):
     assert loaded["diffusion"].config == SMALL.unet
 
 
+def test_numpy2_spelling_of_the_scalar_global_loads(tmp_path, lightning_file, small):
+    """A Lightning file re-saved under numpy 2 names the scalar constructor `numpy._core.multiarray`."""
+    pkl = pickle_member(lightning_file)
+    assert b"numpy.core.multiarray" in pkl
+    path = tmp_path / "numpy2.ckpt"
+    rewrite_zip(lightning_file, path, {"data.pkl": pkl.replace(b"numpy.core.multiarray", b"numpy._core.multiarray")})
+    assert_same_weights(load(path), small)
+
+
 def test_lightning_fp16_loads_as_float32(tmp_path, small):
     path = tmp_path / "half.ckpt"
     state = {k: v.half() for k, v in model_converter.to_standard(small).items()}
@@ -124,7 +133,8 @@ def test_the_stand_ins_are_the_only_additions_to_weights_only():
     from torch._weights_only_unpickler import _get_allowed_globals
 
     stand_ins = {name for _, name in checkpoint_io.STAND_INS}
-    assert stand_ins == set(LIGHTNING_GLOBALS) - {"_codecs.encode", "collections.OrderedDict", "torch._utils._rebuild_tensor_v2"}
+    lightning = set(LIGHTNING_GLOBALS) - {"_codecs.encode", "collections.OrderedDict", "torch._utils._rebuild_tensor_v2"}
+    assert stand_ins == lightning | {"numpy._core.multiarray.scalar"}  # numpy 2's name of the same constructor
     assert set(checkpoint_io._allowed_globals()) - stand_ins <= set(_get_allowed_globals())
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -203,3 +204,37 @@ def test_sd15_lora_matches_diffusers(sdlab_models, reference, fuse):
     assert unet_diff <= 1e-5 and clip_diff <= 1e-5
     del state, pipe
     gc.collect()
+
+
+def test_command_line_applies_loras_with_their_scales(tmp_path, capsys):
+    """`--lora FILE[:SCALE]`, repeatable: the image changes, the PNG records the files and scales."""
+    import json
+
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from sdlab.__main__ import main
+
+    models = model_loader.preload_models_from_standard_weights()
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for name, target in lora.target_names(models).items():
+        module = models[target.model].get_submodule(target.module)
+        if name.startswith(("lora_unet_down_blocks", "lora_te_text_model")) and isinstance(module, nn.Linear):
+            width = module.out_features // (3 if target.chunk is not None else 1)
+            state[f"{name}.lora_down.weight"] = torch.randn(2, module.in_features, generator=generator) * 0.3
+            state[f"{name}.lora_up.weight"] = torch.randn(width, 2, generator=generator) * 0.3
+    path = tmp_path / "style.safetensors"
+    save_file(state, str(path))
+    quick = ["generate", "a red circle", "--steps", "2", "--seed", "1"]
+    assert main([*quick, "-o", str(tmp_path / "plain.png")]) == 0
+    assert main([*quick, "--lora", f"{path}:0.8", "--lora", str(path), "-o", str(tmp_path / "lora.png")]) == 0
+    plain, styled = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("plain", "lora"))
+    assert np.abs(plain.astype(int) - styled.astype(int)).mean() > 1
+    recorded = json.loads(Image.open(tmp_path / "lora.png").info["parameters"])["loras"]
+    assert recorded == [{"file": "style.safetensors", "scale": 0.8}, {"file": "style.safetensors", "scale": 1.0}]
+    capsys.readouterr()
+    assert main([*quick, "--lora", f"{path}:nan", "-o", str(tmp_path / "x.png")]) == 2
+    assert "--lora" in capsys.readouterr().err
+    assert main([*quick, "--lora", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "y.png")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err

@@ -57,8 +57,30 @@ def test_backend_arguments_are_checked_and_restored():
         with attention_backend("sliced", 0):
             pass
     with attention_backend("sliced", 3):
-        assert (attention._backend, attention._slice_size) == ("sliced", 3)
-    assert (attention._backend, attention._slice_size) == ("sdpa", attention.DEFAULT_SLICE_SIZE)
+        assert attention.current_backend() == ("sliced", 3)
+    assert attention.current_backend() == ("sdpa", attention.DEFAULT_SLICE_SIZE)
+
+
+def test_backend_is_per_thread():
+    """Two threads generating at once with different attention settings do not see each other's."""
+    import threading
+
+    from sdlab import attention
+
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def sliced():
+        with attention_backend("sliced", 7):
+            inside.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=sliced)
+    worker.start()
+    inside.wait(10)
+    seen.append(attention.current_backend())
+    release.set()
+    worker.join()
+    assert seen == [("sdpa", attention.DEFAULT_SLICE_SIZE)]
 
 
 def test_store_attention_still_returns_the_weights_when_sliced():
