@@ -15,8 +15,7 @@ $\Delta W = (B \cdot A)$ reshaped to out × in × k × k.
 * kohya / AUTOMATIC1111: `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`,
   `lora_te_<module>...`, the module named after diffusers' U-Net (`down_blocks_0_attentions_0_...`)
   or after the original one (`input_blocks_1_1_...`), dots written as underscores;
-* diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (and the older
-  `.lora.down.weight` / `.lora.up.weight`), `text_encoder.<module>...`.
+* diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<module>...`.
 
 Names are matched exactly against every name the loaded models can have, so a key that targets
 nothing is an error that names it. sdlab fuses the query, key and value projections into one
@@ -31,6 +30,7 @@ beside them (a forward hook per layer, so the scale can change between calls). B
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import torch
@@ -156,31 +156,32 @@ def target_names(models: dict) -> dict[str, Target]:
 SUFFIXES = [
     (".lora_down.weight", ".lora_up.weight", ".alpha"),  # kohya
     (".lora_A.weight", ".lora_B.weight", ".alpha"),  # PEFT
-    (".lora.down.weight", ".lora.up.weight", ".alpha"),  # older diffusers
 ]
 
 
 def parse_lora(state_dict: dict, models: dict, source: str = "the LoRA") -> list[Adapter]:
     """A LoRA state dict -> its adapters, mapped onto `models`. Unknown keys are an error naming them."""
     names = target_names(models)
-    adapters, used, unknown = [], set(), []
+    adapters, used, targets = [], set(), {}
     for key in state_dict:
-        for down_suffix, up_suffix, alpha_suffix in SUFFIXES:
-            if not key.endswith(down_suffix):
-                continue
-            layer = key[: -len(down_suffix)]
-            layer = layer.replace(".processor.", ".").replace("_lora.", ".")  # diffusers' attn-processor names
-            target = names.get(layer) or names.get(layer.removesuffix(".lora"))
-            up_key = key[: -len(down_suffix)] + up_suffix
-            alpha_key = key[: -len(down_suffix)] + alpha_suffix
-            if target is None or up_key not in state_dict:
-                unknown.append(key)
-                break
-            alpha = state_dict.get(alpha_key)
-            adapters.append(Adapter(target, state_dict[key], state_dict[up_key], None if alpha is None else float(alpha)))
-            used.update((key, up_key, alpha_key))
-            break
-    unknown += [key for key in state_dict if key not in used and key not in unknown]
+        suffixes = next((s for s in SUFFIXES if key.endswith(s[0])), None)
+        if suffixes is None:
+            continue
+        layer = key[: -len(suffixes[0])]
+        up_key, alpha_key = layer + suffixes[1], layer + suffixes[2]
+        target = names.get(layer)
+        if target is None or up_key not in state_dict:
+            continue  # reported below with the other unknown keys
+        where = (target.model, target.module, target.chunk)
+        if where in targets:
+            raise CheckpointError(f"{source} has two adapters for the same layer: {targets[where]} and {layer}")
+        targets[where] = layer
+        alpha = state_dict.get(alpha_key)
+        if alpha is not None and (not isinstance(alpha, torch.Tensor) or alpha.numel() != 1):
+            raise CheckpointError(f"{source}: {alpha_key} must be a single number (the adapter's alpha)")
+        adapters.append(Adapter(target, state_dict[key], state_dict[up_key], None if alpha is None else float(alpha)))
+        used.update((key, up_key, alpha_key))
+    unknown = [key for key in state_dict if key not in used]
     if unknown:
         shown = ", ".join(unknown[:5]) + (f", ... ({len(unknown) - 5} more)" if len(unknown) > 5 else "")
         raise CheckpointError(
@@ -229,27 +230,36 @@ def _hook(adapter: Adapter, scale: float):
     return add_adapter
 
 
+def _check_fits(adapter: Adapter, weight_shape, source: str) -> None:
+    """The adapter's B (out, r) A (r, in*k*k) must multiply to the weight's shape (out, in[, k, k])."""
+    down, up = adapter.down, adapter.up
+    fits = (down.ndim in (2, 4) and up.ndim in (2, 4) and up.flatten(1).shape == (weight_shape[0], adapter.rank)
+            and down.flatten(1).shape[1] == math.prod(weight_shape[1:]))
+    if not fits:
+        raise CheckpointError(
+            f"{source}: the adapter for {adapter.target.module} has down {tuple(down.shape)} and up "
+            f"{tuple(up.shape)}, which do not fit its weight {tuple(weight_shape)}"
+        )
+
+
 def apply_adapters(models: dict, adapters: list[Adapter], scale: float = 1.0, fuse: bool = True,
-                   keep_original: bool = False) -> LoraHandle:
-    """Add the adapters to `models` (in place): merged into the weights, or as forward hooks."""
+                   keep_original: bool = False, source: str = "the LoRA") -> LoraHandle:
+    """Add the adapters to `models` (in place): merged into the weights, or as forward hooks.
+    Every adapter is checked first, so a file that does not fit changes nothing."""
+    layers = []
+    for adapter in adapters:
+        module = models[adapter.target.model].get_submodule(adapter.target.module)
+        part = _weight_slice(module.weight, adapter.target.chunk)
+        _check_fits(adapter, part.shape, source)
+        layers.append((adapter, module, part))
     handle = LoraHandle()
     with torch.no_grad():
-        for adapter in adapters:
-            module = models[adapter.target.model].get_submodule(adapter.target.module)
-            part = _weight_slice(module.weight, adapter.target.chunk)
-            try:
-                delta = adapter.delta(part.shape)
-            except RuntimeError:
-                raise CheckpointError(
-                    f"the LoRA for {adapter.target.module} has down {tuple(adapter.down.shape)} and up "
-                    f"{tuple(adapter.up.shape)}, which do not fit its weight {tuple(part.shape)}"
-                ) from None
+        for adapter, module, part in layers:
             if not fuse:
-                hook = module.register_forward_hook(_hook(adapter, scale))
-                handle._undo.append(hook.remove)
+                handle._undo.append(module.register_forward_hook(_hook(adapter, scale)).remove)
                 continue
             original = part.clone() if keep_original else None
-            delta = (scale * delta).to(part.dtype)
+            delta = (scale * adapter.delta(part.shape)).to(part.dtype)
             part += delta
             handle._undo.append(_restore(part, delta, original))
     return handle
@@ -282,4 +292,4 @@ def load_lora(models: dict, lora, scale: float = 1.0, fuse: bool = True, keep_or
     for key, tensor in lora.items():
         if not key.endswith(".alpha") and not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
             raise CheckpointError(f"{source}: {key} is not a floating-point tensor")
-    return apply_adapters(models, parse_lora(lora, models, source), scale, fuse, keep_original)
+    return apply_adapters(models, parse_lora(lora, models, source), scale, fuse, keep_original, source)

@@ -95,3 +95,28 @@ def reference(sd15_file):
     del state
     gc.collect()
     return {"clip": clip, "unet": unet, "vae": vae}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models: one thread is as fast, and much faster on a busy machine (no oversubscription).
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The bundled tiny model, loaded once per test module."""
+    from sdlab.model_loader import preload_models_from_standard_weights
+
+    return preload_models_from_standard_weights()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from sdlab.tokenizer import load_tokenizer
+
+    return load_tokenizer()

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from sdlab.__main__ import main
@@ -17,12 +16,7 @@ from sdlab.__main__ import main
 QUICK = ["--steps", "2", "--sampler", "euler"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run_main(capsys, *argv):

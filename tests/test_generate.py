@@ -17,29 +17,13 @@ from sdlab.config import SamplingDefaults
 from sdlab.errors import ArgumentError, NumericalError
 from sdlab.model_loader import preload_models_from_standard_weights
 from sdlab.samplers import make_sampler
-from sdlab.tokenizer import load_tokenizer
 
 PROMPT = "a large red circle to the left of a small blue square"
 QUICK = {"height": 64, "width": 64, "sampler_name": "dpmpp_2m", "n_inference_steps": 3, "cfg_scale": 5.0, "seed": 7,
          "progress": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return preload_models_from_standard_weights()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def sane(image: np.ndarray, size=(64, 64)) -> bool:

@@ -177,8 +177,14 @@ def test_bad_lora_files_are_named(small_pair, tmp_path):
     key = next(k for k in state if k.endswith("attn2_to_k.lora_down.weight"))
     wrong = dict(state)
     wrong[key] = torch.zeros(RANK, 999)
+    before = {k: v.clone() for k, v in models["diffusion"].state_dict().items()}
     with pytest.raises(CheckpointError, match="do not fit"):
         lora.load_lora(models, wrong)
+    assert all(torch.equal(v, models["diffusion"].state_dict()[k]) for k, v in before.items())  # nothing changed
+    twice = {**state, **{k.replace("lora_unet_down_blocks_0_attentions_0", "lora_unet_input_blocks_1_1"): v
+                         for k, v in state.items() if "lora_unet_down_blocks_0_attentions_0_" in k}}
+    with pytest.raises(CheckpointError, match="two adapters for the same layer"):
+        lora.load_lora(models, twice)
     with pytest.raises(ArgumentError, match="scale"):
         lora.load_lora(models, state, scale=float("nan"))
     from safetensors.torch import save_file

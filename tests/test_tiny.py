@@ -16,7 +16,6 @@ from sdlab.pipeline import generate
 from sdlab.tiny import analyzer
 from sdlab.tiny.evaluate import generate_batch
 from sdlab.tiny.train import TrainSettings, TrainState, diffusion_loss, make_data, train, vae_loss
-from sdlab.tokenizer import load_tokenizer
 
 # (prompt, seed) pairs of held-out combinations (red square, green triangle, blue circle,
 # circle top right, square bottom left, triangle center) that the shipped model draws correctly.
@@ -35,23 +34,7 @@ FIXED = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and much faster on a busy machine (no oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return preload_models_from_standard_weights()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_shipped_model_loads_through_the_public_loader(tiny):

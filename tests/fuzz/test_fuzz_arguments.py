@@ -20,25 +20,19 @@ from PIL import Image
 
 from sdlab import arguments, pipeline
 from sdlab.__main__ import build_parser, generate_command
-from sdlab.model_loader import preload_models_from_standard_weights
-from sdlab.tokenizer import load_tokenizer
 
 BASE = {"height": 64, "width": 64, "sampler_name": "dpmpp_2m", "n_inference_steps": 1, "cfg_scale": 5.0, "seed": 0,
         "progress": False}
 PROMPT = "a large red circle in the center"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return {"models": preload_models_from_standard_weights(), "tokenizer": load_tokenizer()}
+def tiny_call(tiny, tokenizer):
+    """The bundled tiny model and tokenizer (tests/conftest.py), as `generate`'s keyword arguments."""
+    return {"models": tiny, "tokenizer": tokenizer}
 
 
 def sane_image(height=64, width=64):
@@ -101,11 +95,11 @@ def models_for(value, models):
 
 
 @pytest.mark.parametrize("argument,index", CASES, ids=[f"{a}-{i}" for a, i in CASES])
-def test_generate_arguments(tiny, argument, index):
+def test_generate_arguments(tiny_call, argument, index):
     value, outcome = POOL[argument][index]
-    call = {**BASE, "prompt": PROMPT, "models": tiny["models"], "tokenizer": tiny["tokenizer"], argument: value}
+    call = {**BASE, "prompt": PROMPT, "models": tiny_call["models"], "tokenizer": tiny_call["tokenizer"], argument: value}
     if argument == "models":
-        call["models"] = models_for(value, tiny["models"])
+        call["models"] = models_for(value, tiny_call["models"])
     if argument == "strength":
         call["input_image"], call["n_inference_steps"] = np.full((64, 64, 3), 128, np.uint8), 2
     height, width = call.get("height") or 64, call.get("width") or 64
@@ -123,10 +117,10 @@ DEVICE_CASES = [(argument, i) for argument in ("device", "idle_device") for i in
 
 
 @pytest.mark.parametrize("argument,index", DEVICE_CASES, ids=[f"{a}-{i}" for a, i in DEVICE_CASES])
-def test_devices(tiny, argument, index):
+def test_devices(tiny_call, argument, index):
     value, outcome = DEVICES[index]
     if outcome == "accepted" and index % 2:  # half of the accepted ones run a whole call, half just the check
-        run = lambda: pipeline.generate(PROMPT, models=tiny["models"], tokenizer=tiny["tokenizer"], **{argument: value}, **BASE)
+        run = lambda: pipeline.generate(PROMPT, models=tiny_call["models"], tokenizer=tiny_call["tokenizer"], **{argument: value}, **BASE)
         sane = sane_image()
     else:
         run = lambda: arguments.check_device(value, argument)

@@ -22,8 +22,6 @@ from PIL import Image
 
 from sdlab import pipeline
 from sdlab.images import check_mask_size, read_picture, to_image_tensor, to_mask_tensor
-from sdlab.model_loader import preload_models_from_standard_weights
-from sdlab.tokenizer import load_tokenizer
 
 N_IMAGES, N_MASKS = 60, 45
 MODES = ["RGB", "RGBA", "LA", "L", "P", "P+t", "CMYK", "1", "I;16", "I", "F", "YCbCr", "HSV", "LAB"]
@@ -33,17 +31,13 @@ SAVES = {"PNG": {"RGB", "RGBA", "LA", "L", "P", "P+t", "1", "I;16", "I"}, "JPEG"
          "TIFF": {"RGB", "RGBA", "L", "CMYK", "I;16", "F", "1", "LAB"}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return {"models": preload_models_from_standard_weights(), "tokenizer": load_tokenizer()}
+def tiny_call(tiny, tokenizer):
+    """The bundled tiny model and tokenizer (tests/conftest.py), as `generate`'s keyword arguments."""
+    return {"models": tiny, "tokenizer": tokenizer}
 
 
 def pil_image(rng: random.Random, mode: str, size) -> Image.Image:
@@ -163,11 +157,11 @@ def quietly(run):
 
 
 @pytest.mark.parametrize("index", range(N_IMAGES))
-def test_input_images(tmp_path, tiny, index):
+def test_input_images(tmp_path, tiny_call, index):
     source, readable = source_for(index, tmp_path, for_mask=False)
     if index % 8 == 0 and readable:
         run = lambda: pipeline.generate("a blue square", input_image=source, strength=0.5, n_inference_steps=2,
-                                        height=64, width=64, sampler_name="ddim", seed=index, progress=False, **tiny)
+                                        height=64, width=64, sampler_name="ddim", seed=index, progress=False, **tiny_call)
         sane = lambda image: image.shape == (64, 64, 3) and image.dtype == np.uint8 and image.max() > 0
     else:
         run, sane = (lambda: to_image_tensor(source, 64, 64)), sane_tensor(3, binary=False)
@@ -177,13 +171,13 @@ def test_input_images(tmp_path, tiny, index):
 
 
 @pytest.mark.parametrize("index", range(N_MASKS))
-def test_masks(tmp_path, tiny, index):
+def test_masks(tmp_path, tiny_call, index):
     source, readable = source_for(index, tmp_path, for_mask=True)
     picture = np.full((64, 64, 3), 100, np.uint8)
     if index % 8 == 0 and readable:
         run = lambda: pipeline.generate("a blue square", input_image=picture, mask_image=source, strength=1.0,
                                         n_inference_steps=2, height=64, width=64, sampler_name="euler", seed=index,
-                                        progress=False, **tiny)
+                                        progress=False, **tiny_call)
         sane = lambda image: image.shape == (64, 64, 3) and image.dtype == np.uint8 and image.max() > 0
     else:
         def run():
@@ -197,16 +191,16 @@ def test_masks(tmp_path, tiny, index):
         assert got == "accepted"
 
 
-def test_a_mask_with_another_aspect_ratio_is_refused_end_to_end(tiny):
+def test_a_mask_with_another_aspect_ratio_is_refused_end_to_end(tiny_call):
     picture = np.full((64, 96, 3), 100, np.uint8)
     mask = np.zeros((64, 64), np.uint8)
     got = judge("masks", lambda: pipeline.generate("a blue square", input_image=picture, mask_image=mask, strength=1.0,
-                                                  n_inference_steps=2, height=64, width=64, progress=False, **tiny),
+                                                  n_inference_steps=2, height=64, width=64, progress=False, **tiny_call),
                 names=("mask_image",))
     assert got == "refused"
     buffer = io.BytesIO()
     Image.new("L", (96, 64), 255).save(buffer, format="PNG")
     buffer.seek(0)
     image = pipeline.generate("a blue square", input_image=picture, mask_image=Image.open(buffer), strength=1.0,
-                              n_inference_steps=2, height=64, width=64, progress=False, **tiny)
+                              n_inference_steps=2, height=64, width=64, progress=False, **tiny_call)
     assert image.shape == (64, 64, 3)
