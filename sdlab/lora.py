@@ -52,6 +52,8 @@ TOP_LEVEL_NAMES = {
 #: File prefixes of the two adapted models, per format.
 KOHYA_PREFIXES = {"lora_unet_": "diffusion", "lora_te_": "clip"}
 PEFT_PREFIXES = {"unet.": "diffusion", "text_encoder.": "clip"}
+#: What the original file puts before a layer's name inside each adapted model.
+ORIGINAL_PREFIXES = {"diffusion": "model.diffusion_model.", "clip": "cond_stage_model.transformer."}
 
 
 @dataclasses.dataclass
@@ -137,12 +139,12 @@ def target_names(models: dict) -> dict[str, Target]:
             fused = module_name.endswith(".in_proj")
             for chunk in (0, 1, 2) if fused else (None,):
                 local = module_name + (f"[{chunk}]" if fused else "") + ".weight"
-                original = model_converter.rename(local, model_converter.RULES[model], to_sdlab=False)
-                original = original.removesuffix(".weight")
+                original = model_converter.original_key(model, local)  # e.g. model.diffusion_model.input_blocks...
+                original = original.removeprefix(ORIGINAL_PREFIXES[model]).removesuffix(".weight")
                 if model == "diffusion":
                     aliases = [original, unet_original_to_diffusers(original, n_res_blocks)]
                 else:  # transformers names CLIP's layers as the original file does (v5: without `text_model.`)
-                    aliases = ["text_model." + original, original]
+                    aliases = [original, original.removeprefix("text_model.")]
                 target = Target(model, module_name, chunk)
                 kohya = next(p for p, m in KOHYA_PREFIXES.items() if m == model)
                 peft = next(p for p, m in PEFT_PREFIXES.items() if m == model)
