@@ -9,9 +9,8 @@ once with the prompt $c$ and once with the empty (or negative) prompt $\varnothi
 extrapolates by the guidance scale $s$. `guided_noise` is one guided U-Net evaluation, `denoise`
 the sampling loop around it, and `generate` the composition of the stages, with the seed's
 signature. Settings left as `None` (size, sampler, steps, guidance scale) come from the model
-(`models["diffusion"].sampling`, set by the loader from the checkpoint): SD1.5's are 512x512,
-DPM++ 2M, 20 steps, 7.5 (the seed's were DDPM, 50 steps), the bundled tiny model's 64x64, DPM++ 2M,
-20 steps, 5.
+(`models["diffusion"].sampling`, set by the loader from the checkpoint): SD1.5's are the seed's
+(512x512, DDPM, 50 steps, 7.5), the bundled tiny model's 64x64, DPM++ 2M, 20 steps, 5.
 
 **Determinism.** All random numbers come from one CPU generator seeded with `seed` (any integer,
 reduced modulo $2^{64}$ as `torch.Generator.manual_seed` does), drawn in diffusers' order. So the same
