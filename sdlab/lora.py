@@ -247,7 +247,8 @@ def _check_fits(adapter: Adapter, weight_shape, source: str) -> None:
 def apply_adapters(models: dict, adapters: list[Adapter], scale: float = 1.0, fuse: bool = True,
                    keep_original: bool = False, source: str = "the LoRA") -> LoraHandle:
     """Add the adapters to `models` (in place): merged into the weights, or as forward hooks.
-    Every adapter is checked first, so a file that does not fit changes nothing."""
+    Every adapter is checked first, so a file that does not fit changes nothing; an error part way
+    (an interrupt, memory) takes back what was already applied before it is raised."""
     layers = []
     for adapter in adapters:
         module = models[adapter.target.model].get_submodule(adapter.target.module)
@@ -255,21 +256,31 @@ def apply_adapters(models: dict, adapters: list[Adapter], scale: float = 1.0, fu
         _check_fits(adapter, part.shape, source)
         layers.append((adapter, module, part))
     handle = LoraHandle()
-    with torch.no_grad():
+    try:
         for adapter, module, part in layers:
             if not fuse:
                 handle._undo.append(module.register_forward_hook(_hook(adapter, scale)).remove)
                 continue
-            original = part.clone() if keep_original else None
-            delta = (scale * adapter.delta(part.shape)).to(part.dtype)
-            part += delta
+            with _editing(part):
+                original = part.clone() if keep_original else None
+                delta = (scale * adapter.delta(part.shape)).to(part.dtype)
+                part += delta
             handle._undo.append(_restore(part, delta, original))
+    except BaseException:
+        handle.remove()  # whatever stopped it (an inference tensor, an interrupt), the models are as before
+        raise
     return handle
+
+
+def _editing(weight: torch.Tensor):
+    """The mode in which `weight` may change in place: weights made under `torch.inference_mode()`
+    (models loaded inside it) can only be edited inside it."""
+    return torch.inference_mode() if weight.is_inference() else torch.no_grad()
 
 
 def _restore(part: torch.Tensor, delta: torch.Tensor, original: torch.Tensor | None):
     def undo():
-        with torch.no_grad():
+        with _editing(part):
             if original is not None:
                 part.copy_(original)
             else:

@@ -138,7 +138,9 @@ def _packed(layers: list[nn.Module], batch: int):
                 packed.append((layer, weight))
         yield
     finally:
-        with torch.no_grad():
+        # restored outside inference mode: a block run under `torch.inference_mode()` must not
+        # turn the model's weights into inference tensors (they could no longer be trained or edited)
+        with torch.inference_mode(False), torch.no_grad():
             while packed:  # one weight at a time, so that the two copies never all coexist
                 layer, weight = packed.pop()
                 del layer.forward

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import site
 import subprocess
 import sys
@@ -22,10 +23,7 @@ import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Chapter 6 is left out: run alone, its Colab run passes (in 25-55 s), but late in the full suite its
-# client stops receiving replies after the first widget cell, with the kernel idle (seen twice in
-# .ci/run, cause not found yet). nbval still runs it in CI; the Colab path is the open part of #11.
-CHAPTERS = sorted(p.stem for p in (ROOT / "book").glob("*.ipynb") if p.stem != "06_pipeline")
+CHAPTERS = sorted(p.stem for p in (ROOT / "book").glob("*.ipynb"))
 KERNEL = "sdlab-colab-stand-in"
 
 
@@ -56,6 +54,9 @@ def colab_kernel(tmp_path_factory, monkeypatch_module):
     python = env / "bin" / "python"
     child_site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                                      check=True, capture_output=True, text=True).stdout.strip())
+    # the venv's own old setuptools would shadow this environment's (torch asks for a newer one), and
+    # the kernel's pip, which may not use an index, could not upgrade it
+    subprocess.run([python, "-m", "pip", "uninstall", "-y", "-q", "setuptools"], check=True, capture_output=True)
     (child_site / "parent-libraries.pth").write_text(f"{_site_packages_without_sdlab(base / 'libraries')}\n")
     clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     found = subprocess.run([python, "-c", "import sdlab"], capture_output=True, cwd=base, env=clean)
@@ -70,7 +71,9 @@ def colab_kernel(tmp_path_factory, monkeypatch_module):
         "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}",
                  "--IPKernelApp.exec_lines=import google.colab"],  # Colab imports it before any cell
         "display_name": "Colab stand-in", "language": "python",
-        "env": {"PYTHONPATH": str(base / "stand-in"), "SDLAB_INSTALL_SOURCE": str(wheel), "PIP_NO_INPUT": "1"},
+        # offline: pip may use what is installed and the wheel, never an index (nor its version check)
+        "env": {"PYTHONPATH": str(base / "stand-in"), "SDLAB_INSTALL_SOURCE": str(wheel), "PIP_NO_INPUT": "1",
+                "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     }))
     monkeypatch_module.setenv("JUPYTER_PATH", str(base))
     return env
@@ -84,15 +87,35 @@ def monkeypatch_module():
 
 # Each notebook is executed by a small client process of its own (a fresh Python, not this pytest
 # process with the SD1.5 models in memory), under a hard time limit: a kernel that stops answering
-# fails the test instead of stopping the run.
+# fails the test instead of stopping the run. The client logs when each cell starts and ends, so a
+# slow or stuck cell is named in the report.
 RUNNER = """
-import sys, nbformat
+import json, sys, time, nbformat
+from pathlib import Path
 from nbclient import NotebookClient
-path, kernel = sys.argv[1], sys.argv[2]
+path, kernel, log = sys.argv[1:4]
 nb = nbformat.read(path, as_version=4)
-NotebookClient(nb, timeout=600, kernel_name=kernel, resources={"metadata": {"path": str(__import__("pathlib").Path(path).parent)}}).execute()
+start = time.monotonic()
+def note(event):
+    def hook(cell, cell_index, **_):
+        with open(log, "a") as f:
+            f.write(json.dumps([event, cell_index, round(time.monotonic() - start, 1), cell.source[:60]]) + "\\n")
+    return hook
+NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name=kernel, resources={"metadata": {"path": str(Path(path).parent)}},
+               on_cell_execute=note("start"), on_cell_executed=note("end")).execute()
 nbformat.write(nb, path)
 """
+CELL_TIMEOUT, NOTEBOOK_TIMEOUT = 300, 900
+
+
+def _cell_times(log: Path) -> str:
+    """Each cell's seconds from the client's log, the slowest first; a cell that never ended is first."""
+    events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    started = {cell: (t, source) for event, cell, t, source in events if event == "start"}
+    ended = {cell: t for event, cell, t, _ in events if event == "end"}
+    rows = [(ended.get(cell, float("inf")) - t, cell, source) for cell, (t, source) in started.items()]
+    return "\n".join(f"  cell {cell}: {'never ended' if seconds == float('inf') else f'{seconds:.1f} s'}  {source!r}"
+                     for seconds, cell, source in sorted(rows, reverse=True)[:5])
 
 
 @pytest.mark.parametrize("name", CHAPTERS)
@@ -100,11 +123,21 @@ def test_notebook_runs_in_a_clean_folder_like_colab(colab_kernel, tmp_path, name
     nb = nbformat.read(ROOT / "book" / f"{name}.ipynb", as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(
         "import json, sys, sdlab\nprint(json.dumps([sys.prefix, sdlab.__file__, 'google.colab' in sys.modules]))"))
-    path = tmp_path / f"{name}.ipynb"
+    path, log = tmp_path / f"{name}.ipynb", tmp_path / "cells.log"
     nbformat.write(nb, path)
-    ran = subprocess.run([sys.executable, "-c", RUNNER, str(path), KERNEL], capture_output=True, text=True,
-                         timeout=900, cwd=tmp_path, env={**os.environ, "JUPYTER_PATH": os.environ["JUPYTER_PATH"]})
-    assert ran.returncode == 0, f"{name} failed in the Colab stand-in:\n{ran.stderr[-3000:]}"
+    runner = RUNNER.replace("CELL_TIMEOUT", str(CELL_TIMEOUT))
+    command = [sys.executable, "-c", runner, str(path), KERNEL, str(log)]
+    # a session of its own, so that a client that runs out of time is stopped with its kernel
+    client = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              start_new_session=True)
+    try:
+        _, stderr = client.communicate(timeout=NOTEBOOK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(client.pid, signal.SIGKILL)
+        client.communicate()
+        pytest.fail(f"{name} did not finish in {NOTEBOOK_TIMEOUT} s in the Colab stand-in; slowest cells:\n{_cell_times(log)}")
+    assert client.returncode == 0, f"{name} failed in the Colab stand-in:\n{stderr[-3000:]}\nslowest cells:\n{_cell_times(log)}"
+    print(f"{name}, slowest cells:\n{_cell_times(log)}")
     nb = nbformat.read(path, as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors

@@ -7,6 +7,7 @@ models load the checkpoint with sdlab's rules; diffusers' through its own conver
 
 from __future__ import annotations
 
+import copy
 import gc
 
 import numpy as np
@@ -80,6 +81,10 @@ def reference_outputs(pipe, latents, context, tokens, timestep):
         eps = pipe.unet(latents, timestep, encoder_hidden_states=context).sample
         hidden = pipe.text_encoder(tokens).last_hidden_state
     return eps, hidden
+
+
+def max_abs(t) -> float:
+    return t.double().abs().max().item() if t.numel() else 0.0
 
 
 def relative(a, b) -> float:
@@ -194,6 +199,61 @@ def test_bad_lora_files_are_named(small_pair, tmp_path):
     save_file(state, str(path))
     handle = lora.load_lora(models, path, scale=0.5)
     handle.remove()
+
+
+def test_lora_fuses_into_models_loaded_under_inference_mode(small_pair):
+    """Models built inside `torch.inference_mode()` hold inference tensors: fusing still works
+    (the edit is made in that mode) and removing gives the weights back bit for bit."""
+    models, pipe, inputs = small_pair
+    state = random_lora(pipe.unet, pipe.text_encoder, "kohya", seed=11)
+    with torch.inference_mode():
+        frozen = {name: copy.deepcopy(model) for name, model in models.items()}
+    assert all(p.is_inference() for p in frozen["diffusion"].parameters())
+    expected = _with_lora(models, state, inputs)
+    before = sdlab_outputs(frozen, *inputs)
+    assert all(torch.equal(a, b) for a, b in zip(_with_lora(frozen, state, inputs), expected))
+    assert all(torch.equal(a, b) for a, b in zip(sdlab_outputs(frozen, *inputs), before))
+
+
+def _with_lora(models, state, inputs):
+    handle = lora.load_lora(models, dict(state), scale=0.7, keep_original=True)
+    try:
+        return sdlab_outputs(models, *inputs)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("keep_original", [True, False])
+def test_a_lora_that_fails_midway_changes_nothing(small_pair, monkeypatch, keep_original):
+    """Whatever stops a fuse half way (here the 5th layer's edit raises), the layers already changed
+    are put back before the error reaches the caller: bit for bit with `keep_original`, else by
+    subtracting the same delta (to the float's last bit)."""
+    models, pipe, _ = small_pair
+    state = random_lora(pipe.unet, pipe.text_encoder, "kohya", seed=12)
+    before = {f"{name}.{k}": v.clone() for name in ("diffusion", "clip") for k, v in models[name].state_dict().items()}
+    calls = {"n": 0}
+    delta = lora.Adapter.delta
+
+    def failing(self, shape):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("stopped half way")
+        return delta(self, shape)
+
+    monkeypatch.setattr(lora.Adapter, "delta", failing)
+    with pytest.raises(RuntimeError, match="half way"):
+        lora.load_lora(models, dict(state), keep_original=keep_original)
+    after = {f"{name}.{k}": v for name in ("diffusion", "clip") for k, v in models[name].state_dict().items()}
+    assert calls["n"] == 5
+    for key, value in before.items():
+        if keep_original:
+            assert torch.equal(after[key], value), key
+        else:
+            assert max_abs(after[key] - value) <= 1e-6 * max(1.0, max_abs(value)), key
+    if not keep_original:  # put the small pair back exactly for the tests that follow
+        with torch.no_grad():
+            for name in ("diffusion", "clip"):
+                models[name].load_state_dict({k[len(name) + 1 :]: v for k, v in before.items() if k.startswith(name + ".")})
 
 
 @pytest.mark.parametrize("fuse", [False, True])

@@ -224,6 +224,20 @@ def test_packed_weights_compute_the_same_and_give_the_weights_back(models):
         assert layers and all("forward" in vars(m) and m.weight.numel() == 0 for m in layers)
 
 
+def test_packing_under_inference_mode_leaves_ordinary_weights(models):
+    """A packed block run inside `torch.inference_mode()` (as a benchmark does) hands back weights
+    that can still be edited in place and trained, not inference tensors."""
+    from sdlab.packing import packed_weights
+
+    unet = models["diffusion"]
+    with torch.inference_mode(), packed_weights(unet):
+        unet(torch.randn(2, 4, 8, 8), torch.randn(2, 77, SMALL.unet.d_context), 500)
+    assert not any(p.is_inference() for p in unet.parameters())
+    conv = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        conv.weight.add_(0.0)  # refused for an inference tensor outside inference mode
+
+
 def test_generate_packs_by_default_on_the_cpu(models):
     plain = _generate(models, packed=False)
     packed = _generate(models)
