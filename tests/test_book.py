@@ -73,9 +73,18 @@ def chapters() -> list[str]:
     return [str(Path(f).with_suffix("")) for f in files]
 
 
-def _sources() -> list[Path]:
-    return [ROOT / "_config.yml", ROOT / "_toc.yml", *ROOT.glob("book/*.ipynb"), *ROOT.glob("book/_static/*"),
-            *ROOT.glob("book/_ext/*.py"), *ROOT.glob("sdlab/**/*.py")]
+BOOK_SOURCES = ("_config.yml", "_toc.yml", "book/*.ipynb", "book/_ext/*.py", "sdlab/**/*.py")
+
+
+def build_unless_fresh(output: Path, script: str, extra_sources: tuple[str, ...], timeout: int) -> None:
+    """Run `tools/<script>` unless `output` is newer than every source of the book (and `extra_sources`,
+    globs from the repository's root)."""
+    sources = [p for pattern in (*BOOK_SOURCES, *extra_sources) for p in ROOT.glob(pattern)]
+    if output.exists() and max(p.stat().st_mtime for p in sources) <= output.stat().st_mtime:
+        return
+    done = subprocess.run(["bash", str(ROOT / "tools" / script)], env=_same_python(), check=False,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"tools/{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
 def _same_python() -> dict:
@@ -87,11 +96,8 @@ def _same_python() -> dict:
 def built_book() -> Path:
     """The HTML book, built now (`jupyter-book build -W`, vendored JavaScript) unless it is up to date."""
     index = HTML / "index.html"
-    stale = not index.exists() or max(p.stat().st_mtime for p in _sources()) > index.stat().st_mtime
-    if stale and not PREBUILT:
-        done = subprocess.run(["bash", str(ROOT / "tools" / "build_book.sh")], env=_same_python(), check=False,
-                              capture_output=True, text=True, timeout=1200)
-        assert done.returncode == 0, f"the book did not build:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    if not PREBUILT:
+        build_unless_fresh(index, "build_book.sh", ("book/_static/*",), timeout=1200)
     assert index.exists()
     return HTML
 

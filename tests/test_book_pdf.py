@@ -27,7 +27,7 @@ REPRS = ("interactive(children=", "IPython.core.display", "object at 0x", "<Figu
 
 sys.path.insert(0, str(ROOT / "book" / "_ext"))
 from print_book import STATIC, WIDGET_VIEW, add_static_pictures
-from test_book import _same_python, chapters  # tests/ is on sys.path (conftest.py)
+from test_book import build_unless_fresh, chapters  # tests/ is on sys.path (conftest.py)
 
 
 def _toc_files() -> list[str]:
@@ -53,19 +53,11 @@ def _run(*command: str) -> str:
     return subprocess.run([tool, *command[1:]], capture_output=True, text=True, check=True, timeout=120).stdout
 
 
-def _sources() -> list[Path]:
-    return [ROOT / "_config.yml", ROOT / "_toc.yml", *ROOT.glob("book/*.ipynb"), *ROOT.glob("book/_ext/*.py"),
-            *ROOT.glob("book/_ext/latex/*"), *ROOT.glob("sdlab/**/*.py")]
-
-
 @pytest.fixture(scope="module")
 def pdf() -> Path:
     """The PDF, built now (`tools/build_pdf.sh`) unless it is up to date."""
-    stale = not PDF.exists() or max(p.stat().st_mtime for p in _sources()) > PDF.stat().st_mtime
-    if stale and not PREBUILT:
-        done = subprocess.run(["bash", str(ROOT / "tools" / "build_pdf.sh")], env=_same_python(), check=False,
-                              capture_output=True, text=True, timeout=1500)
-        assert done.returncode == 0, f"the PDF did not build:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    if not PREBUILT:
+        build_unless_fresh(PDF, "build_pdf.sh", ("book/_ext/latex/*",), timeout=1500)
     assert PDF.exists()
     return PDF
 
