@@ -10,7 +10,7 @@ Options left out take the model's own settings (`--steps`, `--cfg`, `--sampler`,
 `--width`: those of `models["diffusion"].sampling`); a value given, `0` included, is used as given
 (`--cfg 0` is a legitimate guidance scale, `--steps 0` an error). Everything is checked before any
 model is loaded: the output path (a new `.png` in an existing folder: sdlab never overwrites a
-file), the device, the input image and mask, the numbers. Any sdlab error ends in one line on
+file; with `--n N`, each of OUTPUT-1.png ... OUTPUT-N.png and OUTPUT-grid.png), the device, the input image and mask, the numbers. Any sdlab error ends in one line on
 stderr and exit status 2, as argparse's own errors do.
 """
 
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                      help="a LoRA file (kohya or diffusers format) merged in with SCALE (default 1); repeatable")
+    gen.add_argument("--n", type=int, default=1, metavar="N",
+                     help="generate N images in one batch (seeds SEED, SEED+1, ...): OUTPUT-1.png ... OUTPUT-N.png "
+                          "and OUTPUT-grid.png instead of OUTPUT")
     gen.add_argument("--output", "-o", default="sdlab.png", help="where to write the PNG (a new file)")
     inspect = commands.add_parser("inspect", help="describe a checkpoint file without building any model")
     inspect.add_argument("file")
@@ -64,7 +67,8 @@ def check_command_line(args) -> dict:
 
     arguments.check_text(args.prompt, "prompt")
     arguments.check_text(args.negative, "--negative")
-    output = arguments.check_output_path(args.output, "--output")
+    arguments.check_int(args.n, "--n", 1, arguments.MAX_IMAGES, fix="1 for a single image")
+    outputs = [arguments.check_output_path(path, "--output") for path in output_paths(args.output, args.n)]
     device = arguments.check_device(args.device, "--device")
     if args.steps is not None:
         arguments.check_int(args.steps, "--steps", 1, 1000, fix="20-50 is typical")
@@ -80,7 +84,33 @@ def check_command_line(args) -> dict:
     mask = read_picture(args.mask, "--mask", "L", "black") if args.mask is not None else None
     if mask is not None:
         check_mask_size(mask.size, image.size, "--mask")
-    return {"output": output, "device": device, "image": image, "mask": mask, "loras": [lora_option(o) for o in args.lora]}
+    return {"outputs": outputs, "device": device, "image": image, "mask": mask, "loras": [lora_option(o) for o in args.lora]}
+
+
+def output_paths(output, n: int) -> list:
+    """Where `--n N` writes: OUTPUT itself for one image; else OUTPUT-1 ... OUTPUT-N and OUTPUT-grid
+    (same folder and suffix; `a.png` -> `a-1.png`, ..., `a-grid.png`), the grid last."""
+    output = Path(output) if isinstance(output, str) and output else output
+    if n == 1 or not isinstance(output, Path):
+        return [output]
+    return [output.with_name(f"{output.stem}-{k}{output.suffix}") for k in [*range(1, n + 1), "grid"]]
+
+
+def write_png(path: Path, image, settings: dict) -> None:
+    """`image` as a new PNG at `path` with `settings` in its `parameters` text chunk; never overwrites."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from .errors import OutputPathError
+
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(settings))
+    info.add_text("Software", "sdlab")
+    try:
+        with open(path, "xb") as file:  # exclusive: a file that appeared meanwhile is not overwritten
+            Image.fromarray(image).save(file, format="PNG", pnginfo=info)
+    except FileExistsError:
+        raise OutputPathError(f"--output {str(path)!r} appeared while generating; not overwritten, choose another name") from None
 
 
 def lora_option(option: str) -> tuple[str, float]:
@@ -98,11 +128,9 @@ def lora_option(option: str) -> tuple[str, float]:
 
 def generate_command(args) -> Path:
     import torch
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
 
     from . import model_loader, pipeline
-    from .errors import OutputPathError
+    from .images import image_grid
 
     checked = check_command_line(args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -122,22 +150,23 @@ def generate_command(args) -> Path:
         "loras": [{"file": Path(path).name, "scale": scale} for path, scale in checked["loras"]],
     }
     start = time.perf_counter()
-    image = pipeline.generate(
+    images = pipeline.generate(
         args.prompt, uncond_prompt=args.negative, input_image=checked["image"], mask_image=checked["mask"],
-        strength=args.strength, models=models, seed=args.seed, device=checked["device"], **chosen,
+        strength=args.strength, models=models, seed=args.seed, device=checked["device"], num_images=args.n, **chosen,
     )
     settings["seconds"] = round(time.perf_counter() - start, 2)
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(settings))
-    info.add_text("Software", "sdlab")
-    output = checked["output"]
-    try:
-        with open(output, "xb") as file:  # exclusive: a file that appeared meanwhile is not overwritten
-            Image.fromarray(image).save(file, format="PNG", pnginfo=info)
-    except FileExistsError:
-        raise OutputPathError(f"--output {str(output)!r} appeared while generating; not overwritten, choose another name") from None
-    print(f"wrote {output} ({settings['width']}x{settings['height']}, {settings['seconds']} s)")
-    return output
+    outputs = checked["outputs"]
+    if args.n == 1:
+        pngs = [(outputs[0], images, settings)]
+    else:  # image k has seed + k; the grid records them all
+        pngs = [(path, image, {**settings, "seed": args.seed + k, "image": f"{k + 1} of {args.n}"})
+                for k, (path, image) in enumerate(zip(outputs, images))]
+        pngs.append((outputs[-1], image_grid(images), {**settings, "seeds": [args.seed + k for k in range(args.n)],
+                                                        "grid_of": [path.name for path in outputs[:-1]]}))
+    for path, image, recorded in pngs:
+        write_png(path, image, recorded)
+        print(f"wrote {path} ({image.shape[1]}x{image.shape[0]}, {settings['seconds']} s)")
+    return outputs[0] if args.n == 1 else outputs[-1]
 
 
 def inspect_command(args) -> None:

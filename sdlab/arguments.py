@@ -24,6 +24,8 @@ from .errors import ArgumentError, DeviceError, OutputPathError
 SEED_MODULUS = 2**64
 #: the largest height or width accepted: beyond it the U-Net's activations alone exceed any machine
 MAX_SIZE = 8192
+#: the most images one call generates (`num_images`, `--n`): the U-Net's batch is twice that with guidance
+MAX_IMAGES = 64
 #: the image formats the command line writes (PNG records every setting in a text chunk)
 OUTPUT_SUFFIXES = (".png",)
 

@@ -38,6 +38,22 @@ DEFAULT_SLICE_SIZE = 1024
 _setting = contextvars.ContextVar("sdlab_attention_backend", default=("sdpa", DEFAULT_SLICE_SIZE))
 
 
+# what sees every attention call's queries and keys in this thread (sdlab.inspect's recorders); None: nothing
+_observer = contextvars.ContextVar("sdlab_attention_observer", default=None)
+
+
+@contextlib.contextmanager
+def observe_attention(observer):
+    """Inside the block (this thread only), every `SelfAttention` and `CrossAttention` call also runs
+    `observer(module, q, k, causal)` with its queries and keys split into heads, (B, H, L, d_k). The
+    attention output is computed exactly as without it; `sdlab.inspect.record_attention` uses this."""
+    token = _observer.set(observer)
+    try:
+        yield
+    finally:
+        _observer.reset(token)
+
+
 def current_backend() -> tuple[str, int]:
     """The attention code path in force here: (`"sdpa"` | `"math"` | `"sliced"`, slice size)."""
     return _setting.get()
@@ -104,9 +120,12 @@ class _MultiHead(nn.Module):
         def heads(t):  # (B, L, H*d_head) -> (B, H, L, d_head)
             return t.view(batch, -1, self.n_heads, self.d_head).transpose(1, 2)
 
-        out, weights = scaled_dot_product(heads(q), heads(k), heads(v), causal, self.store_attention)
+        q, k, v = heads(q), heads(k), heads(v)
+        out, weights = scaled_dot_product(q, k, v, causal, self.store_attention)
         if self.store_attention:
             self.attention_weights = weights.detach()
+        if (observer := _observer.get()) is not None:  # a recorder of sdlab.inspect is on in this thread
+            observer(self, q, k, causal)
         # (B, H, L, d_head) -> (B, L, H, d_head) -> (B, L, H*d_head)
         out = out.transpose(1, 2).reshape(batch, length, d_embed)
         return self.out_proj(out)

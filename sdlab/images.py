@@ -205,3 +205,20 @@ def to_mask_tensor(mask, width: int, height: int, name: str = "mask_image") -> t
         mask = mask.resize((width, height), Image.Resampling.LANCZOS)
     array = np.asarray(mask, dtype=np.float32) / 255.0
     return torch.from_numpy((array >= 0.5).astype(np.float32))[None, None]
+
+
+def image_grid(images, columns: int | None = None) -> np.ndarray:
+    r"""Images of one size ((H, W, 3) uint8 each) in rows of `columns` (default $\lceil\sqrt N\rceil$, a
+    square or one row short of it), left to right then top to bottom; empty cells are black.
+    Returns (rows * H, columns * W, 3) uint8."""
+    images = [np.asarray(image) for image in images]
+    if not images or any(image.shape != images[0].shape or image.ndim != 3 for image in images):
+        raise ValueError("image_grid needs one or more (H, W, 3) images of the same size")
+    n = len(images)
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = -(-n // columns)
+    height, width, channels = images[0].shape
+    grid = np.zeros((rows, columns, height, width, channels), np.uint8)
+    for k, image in enumerate(images):
+        grid[k // columns, k % columns] = image
+    return grid.transpose(0, 2, 1, 3, 4).reshape(rows * height, columns * width, channels)  # (r, c, H, W, 3) -> (rH, cW, 3)

@@ -15,7 +15,9 @@ signature. Settings left as `None` (size, sampler, steps, guidance scale) come f
 **Determinism.** All random numbers come from one CPU generator seeded with `seed` (any integer,
 reduced modulo $2^{64}$ as `torch.Generator.manual_seed` does), drawn in diffusers' order. So the same
 seed and settings give bit-identical images on one machine and PyTorch build: twice in a process,
-in two processes, from two threads at once, with `idle_device` on or off. On another device (a GPU
+in two processes, from two threads at once, with `idle_device` on or off. A batch
+(`num_images=N`) gives image k its own generator seeded with `seed + k`: it is the image that seed
+gives alone, while the U-Net runs once per step on the whole batch. On another device (a GPU
 against the CPU) the *noise* is the same, so the picture is the same one, but the kernels sum in
 another order (and may use TF32 or fused attention), so pixels can differ by a few levels; the
 same holds across PyTorch versions, CPU types and thread counts.
@@ -44,6 +46,7 @@ from .errors import ArgumentError, NumericalError
 from .images import rescale, to_image_tensor, to_mask_tensor  # noqa: F401 - rescale: the seed's helper, kept here
 from .packing import current_weights, model_lock, packed_weights
 from .samplers import make_sampler, sampler_names
+from .schedule import randn
 from .tokenizer import load_tokenizer
 
 
@@ -76,6 +79,15 @@ def encode_prompts(tokenizer, clip, prompts: list[str], device) -> torch.Tensor:
     return clip(torch.tensor(ids, dtype=torch.long, device=device))
 
 
+def prompt_context(tokenizer, clip, prompt: str, uncond_prompt: str | None, guided: bool, num_images: int,
+                   device) -> torch.Tensor:
+    """The context of `num_images` images of one prompt: (2N, 77, d) as `cat([N x prompt, N x negative])`
+    with guidance, (N, 77, d) without. Each prompt is encoded once (a batch of one or two) and
+    repeated, so every image sees exactly the context a single call computes."""
+    context = encode_prompts(tokenizer, clip, [prompt, uncond_prompt or ""] if guided else [prompt], device)
+    return context.repeat_interleave(num_images, dim=0)  # (P, 77, d) -> (P * N, 77, d): each prompt N times
+
+
 # --------------------------------------------------------------------------------------------------
 # Stage 2: the starting point
 # --------------------------------------------------------------------------------------------------
@@ -91,15 +103,18 @@ class Inpainting:
     noise: torch.Tensor  # the initial noise: the kept region is re-noised with it to each timestep
 
 
-def encode_image(encoder, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Image (1, 3, H, W) in [-1, 1] -> scaled latents, sampled with noise from `generator`."""
+def encode_image(encoder, image: torch.Tensor, generator) -> torch.Tensor:
+    """Image (1, 3, H, W) in [-1, 1] -> scaled latents, sampled with noise from `generator`; with a list
+    of N generators, N samples (N, 4, h, w) of the same image, sample k drawn from generator k."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([encode_image(encoder, image, g) for g in generator])
     dtype = next(encoder.parameters()).dtype
     shape = (image.shape[0], encoder.config.latent_channels, *(s // encoder.config.downscale for s in image.shape[-2:]))
     noise = torch.randn(shape, generator=generator).to(image.device, dtype)
     return encoder(image.to(dtype), noise).float()
 
 
-def prepare_latents(sampler, shape, generator: torch.Generator, device, *, latents=None, encoder=None, image=None,
+def prepare_latents(sampler, shape, generator, device, *, latents=None, encoder=None, image=None,
                     strength: float = 1.0, pixel_mask=None, reads_mask: bool = False) -> tuple[torch.Tensor, Inpainting | None]:
     r"""The latents the loop starts from, and what inpainting needs (else None).
 
@@ -109,12 +124,13 @@ def prepare_latents(sampler, shape, generator: torch.Generator, device, *, laten
     (`pixel_mask`, 1 = repaint) at full strength starts from pure noise. `latents` fixes $\epsilon$.
     The random draws follow diffusers' order (image sample, noise, masked-image sample), so both
     libraries give the same image for a seed. `reads_mask`: a 9-channel inpainting U-Net.
+    `generator`: one, or a list of one per batch element (`shape[0]`) that each draw their own.
     """
     full_strength = strength == 1
     image_latents = None
     if image is not None and not (reads_mask and full_strength):
         image_latents = encode_image(encoder, image, generator)
-    noise = torch.randn(shape, generator=generator) if latents is None else latents
+    noise = randn(shape, generator) if latents is None else latents
     noise = noise.to(device, torch.float32)
     if image_latents is not None and not (pixel_mask is not None and full_strength):
         start = sampler.add_noise(image_latents, sampler.timesteps[:1], noise)
@@ -124,6 +140,7 @@ def prepare_latents(sampler, shape, generator: torch.Generator, device, *, laten
         return start, None
     masked_image_latents = encode_image(encoder, image * (pixel_mask < 0.5), generator)
     mask = F.interpolate(pixel_mask, size=shape[-2:])  # nearest: (1, 1, H, W) -> (1, 1, h, w)
+    mask = mask.expand(shape[0], -1, -1, -1)  # (1, 1, h, w) -> (B, 1, h, w), a view
     return start, Inpainting(mask, image_latents, masked_image_latents, noise)
 
 
@@ -271,13 +288,21 @@ def using(model, device, idle_device=None):
 
 
 def make_generator(seed: int | None) -> torch.Generator:
-    """The one CPU generator of a call: the same seed gives the same noise on every device."""
+    """The one CPU generator of an image: the same seed gives the same noise on every device."""
     generator = torch.Generator("cpu")
     if seed is None:
         generator.seed()
     else:
         generator.manual_seed(seed)
     return generator
+
+
+def make_generators(seed: int | None, num_images: int = 1) -> list[torch.Generator]:
+    """One CPU generator per image, image k's seeded with `seed + k` (modulo 2**64): image k of a batch is
+    the image a single call with that seed gives. `seed=None`: a fresh random seed for image 0."""
+    first = make_generator(seed)
+    base = first.initial_seed()
+    return [first] + [make_generator((base + k) % arguments.SEED_MODULUS) for k in range(1, num_images)]
 
 
 def speed_options(device, idle_device, low_memory, attention_slice_size, vae_tile_size, packed, do_cfg):
@@ -307,8 +332,9 @@ def generate(
     height: int | None = None, width: int | None = None, latents: torch.Tensor | None = None, progress: bool = True,
     callback=None, mask_image=None, dtype: torch.dtype | None = None, low_memory: bool = False,
     attention_slice_size: int | None = None, vae_tile_size: int | None = None, packed: bool | None = None,
-) -> np.ndarray:
-    """Generate one image; returns it as an (height, width, 3) uint8 array.
+    num_images: int = 1,
+) -> np.ndarray | list[np.ndarray]:
+    """Generate an image; returns it as an (height, width, 3) uint8 array (a list of `num_images` of them).
 
     - `uncond_prompt`: the negative prompt used by classifier-free guidance (default empty).
     - `input_image` + `strength`: image-to-image; `strength` in (0, 1] is how much of the sampling
@@ -318,7 +344,12 @@ def generate(
       `height`, `width` (multiples of 8): None takes the model's own (`models["diffusion"].sampling`).
     - `models`: from `preload_models_from_standard_weights` (default: the bundled tiny model).
     - `seed`: any integer (modulo 2**64, as torch); None: a fresh one. `latents`: the initial
-      noise (1, 4, height/8, width/8), by default drawn from `seed`.
+      noise (num_images, 4, height/8, width/8), by default drawn from `seed`.
+    - `num_images`: a batch of N images of the prompt (one U-Net call per step on 2N with guidance),
+      image k exactly the one `seed + k` gives alone; N > 1 returns a list.
+    - `cfg_scale=1` (or `do_cfg=False`) skips the unconditional pass: one U-Net batch of N, not 2N
+      (the guidance formula at $s = 1$ is the conditional prediction). LCM: `sampler_name="lcm"`,
+      4 steps, `cfg_scale=1`, with an LCM-LoRA loaded (`sdlab.lora.load_lora`).
     - `callback(step, timestep, latents, noise_pred)`: called after every step.
     - `mask_image` (white = repaint) with `input_image`: inpainting. An inpainting checkpoint's
       9-channel U-Net sees the mask and the masked image; with any other the kept region is put
@@ -346,16 +377,17 @@ def generate(
     clip, diffusion, decoder = models["clip"], models["diffusion"], models["decoder"]
     encoder = models["encoder"] if input_image is not None else None
     device = call["device"] or next(diffusion.parameters()).device
+    guided, num_images = call["guided"], call["num_images"]
     idle_device, packing, attention, vae_tile_size = speed_options(
-        device, call["idle_device"], low_memory, attention_slice_size, vae_tile_size, packed, do_cfg)
+        device, call["idle_device"], low_memory, attention_slice_size, vae_tile_size, packed, guided)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
-    generator = make_generator(call["seed"])
-    sampler = make_sampler(call["sampler_name"], generator)
+    generators = make_generators(call["seed"], num_images)  # image k: seed + k
+    sampler = make_sampler(call["sampler_name"], generators)
     sampler.set_inference_timesteps(call["n_inference_steps"])
 
-    # 1. Text -> context (B, 77, d); with guidance the batch is [prompt, negative prompt].
+    # 1. Text -> context (N, 77, d); with guidance (2N, 77, d): [N x prompt, N x negative prompt].
     with using(clip, device, idle_device):
-        context = encode_prompts(tokenizer, clip, [prompt, uncond_prompt or ""] if do_cfg else [prompt], device)
+        context = prompt_context(tokenizer, clip, prompt, uncond_prompt, guided, num_images, device)
     if not torch.isfinite(context).all():
         raise NumericalError(f"the text encoder's output is NaN or infinite: {likely_cause(clip, dtype)}")
 
@@ -367,21 +399,22 @@ def generate(
     if mask_image is not None:
         pixel_mask = to_mask_tensor(call["mask"], call["width"], call["height"]).to(device)  # (1, 1, H, W)
     with using(encoder, device, idle_device) if image is not None else contextlib.nullcontext():
-        latents, inpainting = prepare_latents(sampler, call["latents_shape"], generator, device, latents=latents,
+        latents, inpainting = prepare_latents(sampler, call["latents_shape"], generators, device, latents=latents,
                                               encoder=encoder, image=image, strength=strength, pixel_mask=pixel_mask,
                                               reads_mask=call["reads_mask"])
 
-    # 3. Denoise: one guided U-Net call per step (batch of 2 with guidance), then the sampler's update.
+    # 3. Denoise: one U-Net call per step on the whole batch (2N with guidance), then the sampler's update.
     with using(diffusion, device, idle_device):
         under_autocast = uses_autocast(dtype, next(diffusion.parameters()).dtype)
         with packing(diffusion, under_autocast), attention():
-            latents = denoise(diffusion, sampler, latents, context, call["cfg_scale"] if do_cfg else None,
+            latents = denoise(diffusion, sampler, latents, context, call["cfg_scale"] if guided else None,
                               callback=callback, inpainting=inpainting, dtype=dtype, progress=progress)
 
-    # 4. Latents -> pixels.
+    # 4. Latents -> pixels, one image at a time (the VAE's memory grows with the batch).
     with using(decoder, device, idle_device), attention(), packing(decoder):
-        images = decode(decoder, latents, vae_tile_size)
-    return to_uint8(images)[0]
+        images = torch.cat([decode(decoder, latents[k : k + 1], vae_tile_size) for k in range(num_images)])
+    images = to_uint8(images)  # (N, H, W, 3)
+    return images[0] if num_images == 1 else list(images)
 
 
 def default_models(device=None) -> dict:
@@ -407,6 +440,9 @@ def check_generate_arguments(**given) -> dict:
     if given["packed"] is not None:
         arguments.check_flag(given["packed"], "packed")
     call["cfg_scale"] = arguments.check_real(call["cfg_scale"], "cfg_scale", fix="7.5 is typical, 0 ignores the prompt")
+    call["guided"] = given["do_cfg"] and call["cfg_scale"] != 1  # s = 1 is the conditional prediction alone
+    call["num_images"] = arguments.check_int(given["num_images"], "num_images", 1, arguments.MAX_IMAGES,
+                                             fix="1 for a single image; generate more in several calls")
     given_strength = given["strength"]
     arguments.check_real(given_strength, "strength", 0, 1, open_low=True, fix="1 ignores the input image entirely")
     if not isinstance(call["sampler_name"], str) or call["sampler_name"] not in sampler_names():
@@ -422,7 +458,8 @@ def check_generate_arguments(**given) -> dict:
     vae = models["decoder"].config
     for name in ("height", "width"):
         call[name] = arguments.check_size(call[name], name, vae.downscale)
-    call["latents_shape"] = (1, vae.latent_channels, call["height"] // vae.downscale, call["width"] // vae.downscale)
+    latent_size = (call["height"] // vae.downscale, call["width"] // vae.downscale)
+    call["latents_shape"] = (call["num_images"], vae.latent_channels, *latent_size)
     arguments.check_latents(given["latents"], call["latents_shape"])
     call["seed"] = arguments.check_seed(given["seed"])
     call["device"] = arguments.check_device(given["device"], "device")

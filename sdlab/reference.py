@@ -30,6 +30,7 @@ SCHEDULER_CONFIG = {
 SCHEDULERS = {
     "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "lcm": "LCMScheduler",
 }  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-r"""DDIM, Euler, Euler ancestral and DPM-Solver++(2M): faster samplers for the same U-Net.
+r"""DDIM, Euler, Euler ancestral, DPM-Solver++(2M) and LCM: faster samplers for the same U-Net.
 
 All of them are `Sampler`s (see `sdlab.schedule`) and reproduce the diffusers scheduler of the same
 name, configured from SD1.5's `scheduler_config.json`, to float32 round-off.
@@ -16,6 +16,9 @@ their latents: they start from `noise * init_noise_sigma` ($\approx \sigma_\text
 `scale_model_input` divides by $\sqrt{\sigma^2 + 1}$ before the U-Net sees them.
 The Karras schedule (`karras_sigmas=True`, the `*_karras` names) spaces the $\sigma$'s evenly in
 $\sigma^{1/7}$, spending more steps at low noise; their timesteps are read back off the $\sigma_t$ table.
+
+**Consistency sampling.** `lcm` (`LCMSampler`) is for Latent Consistency Models and LCM-LoRA: each step
+jumps to a clean estimate and noises it afresh to the next timestep, usable in 4 steps without guidance.
 
 `make_sampler("euler_a_karras", generator)` builds a sampler by name; `sampler_names()` lists them.
 """
@@ -278,12 +281,88 @@ class DPMPP2MSampler(SigmaSampler):
         return x.to(model_output.dtype)
 
 
+class LCMSampler(Sampler):
+    r"""Multistep consistency sampling for Latent Consistency Models ([Luo et al. 2023](https://arxiv.org/abs/2310.04378))
+    and LCM-LoRA: usable images in 2-8 steps, without classifier-free guidance (`cfg_scale=1`). As diffusers'
+    `LCMScheduler` configured from SD1.5's config.
+
+    A consistency model maps any point of a trajectory straight to its clean end, through the
+    *consistency function* with its boundary condition $f_\theta(x, 0) = x$ built in
+    (Song et al. 2023, [arXiv:2303.01469](https://arxiv.org/abs/2303.01469), eq. 3):
+
+    $$f_\theta(x_t, t) = c_\text{skip}(t)\, x_t + c_\text{out}(t)\, \hat x_0(x_t, t), \qquad
+    c_\text{skip}(t) = \frac{\sigma_\text{data}^2}{(s t)^2 + \sigma_\text{data}^2}, \quad
+    c_\text{out}(t) = \frac{s t}{\sqrt{(s t)^2 + \sigma_\text{data}^2}},$$
+
+    with $\hat x_0$ the clean latent that the U-Net's output implies (`predict_x0`), $\sigma_\text{data} = 0.5$
+    and the timestep scaling $s = 10$ (`timestep_scaling`): $c_\text{skip} \approx 0$, $c_\text{out} \approx 1$
+    except near $t = 0$.
+
+    **Timesteps.** LCM was distilled on the grid of a 50-step DDIM solver (`original_inference_steps`),
+    $t = k i - 1$ for $i = 1 \dots 50$, $k = \lfloor T / 50 \rfloor$ (19, 39, ..., 999); $n$ steps take
+    entries of it evenly spaced in index from the top, $\lfloor j \cdot 50 / n \rfloor$ for $j < n$
+    (4 steps: 999, 759, 499, 259). `timestep_spacing` plays no part (as in diffusers), and $n$ is at most 50.
+    """
+
+    def __init__(self, generator=None, *args, original_inference_steps: int = 50, timestep_scaling: float = 10.0,
+                 **kwargs):
+        """`original_inference_steps`: the distillation grid's size; `timestep_scaling`: $s$. Other arguments: `Sampler`."""
+        if isinstance(original_inference_steps, bool) or int(original_inference_steps) != original_inference_steps \
+                or original_inference_steps < 1:
+            raise ArgumentError(f"original_inference_steps must be a positive integer (50 for LCM-LoRA); got {original_inference_steps!r}")
+        self.original_inference_steps = int(original_inference_steps)
+        self.timestep_scaling = float(timestep_scaling)
+        self.default_inference_steps = min(4, self.original_inference_steps)
+        super().__init__(generator, *args, **kwargs)
+
+    def _schedule(self, n: int) -> tuple[torch.Tensor, None]:
+        original, T = self.original_inference_steps, self.num_training_steps
+        if original > T:
+            raise ArgumentError(f"original_inference_steps={original} is more than the {T} training steps")
+        if n > original:
+            raise ArgumentError(
+                f"num_inference_steps={n} is more than the LCM sampler's {original} original_inference_steps "
+                f"(its timesteps are a subset of them); use at most {original} steps, 4-8 is typical"
+            )
+        k = T // original
+        grid = (np.arange(1, original + 1) * k - 1)[::-1]  # 999, 979, ..., 19 for 50 of 1000 steps
+        chosen = np.floor(np.linspace(0, original, num=n, endpoint=False)).astype(np.int64)
+        return torch.from_numpy(grid[chosen].astype(np.int64)), None
+
+    def boundary_scalings(self, timestep: int) -> tuple[float, float]:
+        r"""$(c_\text{skip}(t), c_\text{out}(t))$ with $\sigma_\text{data} = 0.5$ and $s$ = `timestep_scaling`."""
+        sigma_data, scaled = 0.5, timestep * self.timestep_scaling
+        return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / (scaled**2 + sigma_data**2) ** 0.5
+
+    def step(self, timestep, latents: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        r"""Jump to the clean estimate $\hat z_0 = f_\theta(x_t, t)$, then (all but the last step) noise it
+        afresh to the next timestep $t'$, $z \sim \mathcal{N}(0, I)$ (Luo et al. 2023, algorithm 1):
+
+        $$x_{t'} = \sqrt{\bar\alpha_{t'}}\, \hat z_0 + \sqrt{1 - \bar\alpha_{t'}}\; z;
+        \qquad \text{the last step returns } \hat z_0.$$
+        """
+        i = self.step_index
+        if i >= len(self.timesteps):
+            raise RuntimeError(f"all {len(self.timesteps)} steps are done; call set_inference_timesteps() to sample again")
+        t = int(timestep)
+        alpha_bar = self.alphas_cumprod[t]
+        x0 = predict_x0(model_output, latents, alpha_bar**0.5, (1 - alpha_bar) ** 0.5, self.prediction_type)
+        c_skip, c_out = self.boundary_scalings(t)
+        denoised = c_out * x0 + c_skip * latents
+        self.step_index += 1
+        if i == len(self.timesteps) - 1:
+            return denoised
+        alpha_bar_next = self.alphas_cumprod[int(self.timesteps[i + 1])]
+        return alpha_bar_next**0.5 * denoised + (1 - alpha_bar_next) ** 0.5 * self._randn(model_output)
+
+
 SAMPLERS: dict[str, type[Sampler]] = {
     "ddpm": DDPMSampler,
     "ddim": DDIMSampler,
     "euler": EulerSampler,
     "euler_a": EulerAncestralSampler,
     "dpmpp_2m": DPMPP2MSampler,
+    "lcm": LCMSampler,
 }
 #: samplers that also come as `<name>_karras`, with Karras noise levels
 KARRAS_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")

@@ -85,6 +85,22 @@ def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.flatten().view(-1, *[1] * (like.ndim - 1))
 
 
+def randn(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
+    r"""$\mathcal{N}(0, I)$ noise of `shape`, as diffusers' `randn_tensor` draws it.
+
+    A CPU generator draws on the CPU and the result moves to `device`, so a seed gives the same
+    image on any device. `generator` may be a list, one per batch element: element $k$ of the
+    batch is drawn from generator $k$ alone, so it is what a batch-1 draw from that generator gives.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ArgumentError(f"{len(generator)} generators for a batch of {shape[0]}; pass one per batch element")
+        return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])  # B x (1, ...) -> (B, ...)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    draw_on = device if generator is None or generator.device.type == device.type else generator.device
+    return torch.randn(tuple(shape), generator=generator, device=draw_on, dtype=dtype).to(device)
+
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -146,7 +162,8 @@ class Sampler:
     Subclasses implement `step` and, if they need more than a list of timesteps,
     `_schedule` (e.g. the noise levels $\sigma$ of the Euler and DPM-Solver samplers).
     The defaults are SD1.5's `scheduler_config.json`; `prediction_type` says what the model
-    predicts (`"epsilon"` for SD 1.x, `"v_prediction"`; see `predict_x0`).
+    predicts (`"epsilon"` for SD 1.x, `"v_prediction"`; see `predict_x0`). `generator`: one
+    `torch.Generator`, or a list of one per batch element (each image's noise its own; see `randn`).
     """
 
     #: model evaluations per step (all samplers here take one); img2img skips `start_step * order` entries
@@ -155,6 +172,8 @@ class Sampler:
     default_spacing = "leading"
     #: std of the initial noise: latents start as `noise * init_noise_sigma`
     init_noise_sigma = 1.0
+    #: the number of steps a new sampler is set to (until `set_inference_timesteps`)
+    default_inference_steps = 50
 
     def __init__(
         self,
@@ -180,7 +199,7 @@ class Sampler:
         if self.timestep_spacing not in SPACINGS:
             raise ArgumentError(f"unknown timestep_spacing {self.timestep_spacing!r}; choose one of {SPACINGS}")
         self.steps_offset = steps_offset
-        self.set_inference_timesteps(50)
+        self.set_inference_timesteps(self.default_inference_steps)
 
     # ----- the timestep schedule -------------------------------------------------------------
 
@@ -238,14 +257,8 @@ class Sampler:
     # ----- what the pipeline calls --------------------------------------------------------
 
     def _randn(self, like: torch.Tensor) -> torch.Tensor:
-        r"""$\mathcal{N}(0, I)$ noise shaped like `like`, from `self.generator`.
-
-        A CPU generator draws on the CPU and the result moves to `like`'s device (as diffusers'
-        `randn_tensor` does), so a seed gives the same image on any device.
-        """
-        g = self.generator
-        device = like.device if g is None or g.device.type == like.device.type else g.device
-        return torch.randn(like.shape, generator=g, device=device, dtype=like.dtype).to(like.device)
+        r"""$\mathcal{N}(0, I)$ noise shaped like `like`, from `self.generator` (see `randn`)."""
+        return randn(like.shape, self.generator, like.device, like.dtype)
 
     def add_noise(self, original_samples: torch.Tensor, timesteps, noise: torch.Tensor | None = None) -> torch.Tensor:
         r"""The forward process $x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon$ (eq. 4).

@@ -31,6 +31,7 @@ CASES = {
     "euler_a_karras": ("euler_a_karras", {}, {"random": True}),
     "dpmpp_2m": ("dpmpp_2m", {}, {}),
     "dpmpp_2m_karras": ("dpmpp_2m_karras", {}, {}),
+    "lcm": ("lcm", {}, {"random": True}),  # fresh noise between steps; no spacing of its own (as diffusers)
 }
 
 BASE = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
@@ -198,9 +199,9 @@ def test_stepping_past_the_end_is_an_error():
 
 
 def test_registry():
-    assert set(SAMPLERS) == {"ddpm", "ddim", "euler", "euler_a", "dpmpp_2m"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "lcm"}
     assert sampler_names() == [
-        "ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "euler_karras", "euler_a_karras", "dpmpp_2m_karras"
+        "ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "lcm", "euler_karras", "euler_a_karras", "dpmpp_2m_karras"
     ]  # fmt: skip
     for name in sampler_names():
         sampler = make_sampler(name, None)
