@@ -18,6 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
+import build_notebooks  # noqa: E402
 import lint_chapters  # noqa: E402
 import nbtools  # noqa: E402
 
@@ -49,7 +50,7 @@ def test_repository_is_set_once():
 @pytest.mark.parametrize("name", CHAPTERS)
 def test_notebook_is_built_from_its_source(name):
     """Same cells, in the same order, with the same sources and tags as a build of the chapter now."""
-    fresh, old = nbtools.notebook(name), stored(name)
+    fresh, old = build_notebooks.chapter(name), stored(name)
     assert [c.cell_type for c in old.cells] == [c.cell_type for c in fresh.cells], REBUILD.format(name=name)
     for i, (new, kept) in enumerate(zip(fresh.cells, old.cells)):
         where = f"{name} cell {i} ({new.cell_type})"
@@ -110,3 +111,63 @@ def test_source_is_a_canonical_percent_script(name):
 
     text = (ROOT / "tools" / "chapters" / f"{name}.py").read_text()
     assert jupytext.writes(jupytext.reads(text, fmt="py:percent"), fmt="py:percent") == text
+
+
+def test_typed_numbers_are_found_and_computed_ones_are_not():
+    """The prose lint (part of `lint_chapters.lint`): a number typed into a sentence is reported;
+    glued values, code, math, headings, link targets and the short allow-list are not."""
+    found = lint_chapters.prose_numbers(
+        "DDPM gets 0.073 at 25 steps, one step takes about 10 s.\n"
+        "## Heading 5\n"
+        "glued {glue:text}`ddpm_25:.3f`, code `sample('ddpm', 500)`, math $T = 1000$ and\n"
+        "$$\\bar\\alpha_{999}$$ [Song et al. 2020](https://arxiv.org/abs/2010.02502), chapter 5,\n"
+        "chapters 2–4, SD1.5 at 512×512, 2-D points, float32, DPM++ 2M\n"
+        "1. an exercise\n"
+        "```python\nx = 3\n```\n")
+    assert [number for number, _ in found] == ["0.073", "25", "10"]
+
+
+def test_glue_in_the_setup_cell_writes_what_myst_nb_glue_writes():
+    """The setup cell's `glue` (no myst_nb needed in Colab) writes the output myst_nb.glue(...,
+    display=False) writes, which the book's {glue:text} role reads."""
+    import ast
+
+    import numpy as np
+    from myst_nb.ext import glue as myst_glue
+
+    tree = ast.parse((ROOT / "tools" / "setup_cell.py").read_text())
+    function = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "glue")
+    ours, theirs = [], []
+    namespace = {"display": lambda data, raw, metadata: ours.append((data, metadata))}
+    exec(compile(ast.Module([function], []), "setup_cell.py", "exec"), namespace)
+    original = myst_glue.ipy_display
+    myst_glue.ipy_display = lambda data, raw, metadata: theirs.append((data, metadata))
+    try:
+        for value in (0.0731, 48, "lower", "1/180"):
+            namespace["glue"]("key", value)
+            myst_glue.glue("key", value, display=False)
+    finally:
+        myst_glue.ipy_display = original
+    assert ours == theirs
+    namespace["glue"]("key", np.float64(0.5))  # a numpy scalar is glued as the plain number
+    assert ours[-1][0] == {"application/papermill.record/text/plain": "0.5"}
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_every_glued_number_is_computed_in_its_chapter(name):
+    """Every {glue} role in the prose names a value a cell of the same notebook glued (the book
+    build fails on a missing one too; this says which, without building)."""
+    nb = stored(name)
+    glued = {output.metadata["scrapbook"]["name"] for cell in nb.cells if cell.cell_type == "code"
+             for output in cell.get("outputs", []) if "scrapbook" in output.get("metadata", {})}
+    used = {match for cell in nb.cells if cell.cell_type == "markdown"
+            for match in re.findall(r"\{glue(?::\w+)?\}`([^`:]+)", cell.source)}
+    assert used <= glued, f"{name}: glued in the text but by no cell: {sorted(used - glued)}; " + REBUILD.format(name=name)
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_every_chapter_opens_with_objectives_prerequisites_and_its_time(name):
+    header = stored(name).cells[0].source
+    for part in ("**You will learn**", "**You need**", "**Time:** about"):
+        assert part in header, f"{name}: the first cell has no {part!r} (write it in tools/chapters/{name}.py)"
+    assert "min to read" in header and ("s to run on" in header), f"{name}: {REBUILD.format(name=name)}"

@@ -92,40 +92,18 @@ def monkeypatch_module():
 RUNNER = """
 import json, sys, time, nbformat
 from pathlib import Path
-from queue import Empty
-from nbclient import NotebookClient
+sys.path.insert(0, TOOLS)
+from nbrun import SlicedClient  # waits for replies in one-second slices (see tools/nbrun.py)
 path, kernel, log = sys.argv[1:4]
 nb = nbformat.read(path, as_version=4)
 start = time.monotonic()
-
-def patient(get_msg):
-    # Wait in slices of a second: each slice ends with a fresh look at the socket. A single long
-    # wait can miss a reply that has already arrived (pyzmq's edge-triggered wake-up, under load,
-    # with widgets: jupyter/nbclient#312) and then sits out the whole cell timeout.
-    async def get_msg_in_slices(timeout=None):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                return await get_msg(timeout=min(1.0, left))
-            except Empty:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-    return get_msg_in_slices
-
 def note(event):
     def hook(cell, cell_index, **_):
-        channels = (client.kc.shell_channel, client.kc.iopub_channel)
-        for channel in channels:
-            if not getattr(channel, "sliced", False):
-                channel.get_msg, channel.sliced = patient(channel.get_msg), True
         with open(log, "a") as f:
             f.write(json.dumps([event, cell_index, round(time.monotonic() - start, 1), cell.source[:60]]) + "\\n")
     return hook
-
-client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name=kernel, resources={"metadata": {"path": str(Path(path).parent)}},
-                        on_cell_execute=note("start"), on_cell_executed=note("end"))
-client.execute()
+SlicedClient(nb, timeout=CELL_TIMEOUT, kernel_name=kernel, resources={"metadata": {"path": str(Path(path).parent)}},
+             on_cell_execute=note("start"), on_cell_executed=note("end")).execute()
 nbformat.write(nb, path)
 """
 CELL_TIMEOUT, NOTEBOOK_TIMEOUT = 300, 900
@@ -148,7 +126,7 @@ def test_notebook_runs_in_a_clean_folder_like_colab(colab_kernel, tmp_path, name
         "import json, sys, sdlab\nprint(json.dumps([sys.prefix, sdlab.__file__, 'google.colab' in sys.modules]))"))
     path, log = tmp_path / f"{name}.ipynb", tmp_path / "cells.log"
     nbformat.write(nb, path)
-    runner = RUNNER.replace("CELL_TIMEOUT", str(CELL_TIMEOUT))
+    runner = RUNNER.replace("CELL_TIMEOUT", str(CELL_TIMEOUT)).replace("TOOLS", repr(str(ROOT / "tools")))
     command = [sys.executable, "-c", runner, str(path), KERNEL, str(log)]
     # a session of its own, so that a client that runs out of time is stopped with its kernel
     client = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,

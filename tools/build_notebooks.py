@@ -7,6 +7,10 @@ With no chapter every one in `tools/chapters/` is rebuilt. Each notebook is exec
 its working directory (as nbval runs it) by the `python3` kernel, and its wall time is printed.
 The result is refused when an output holds a path of this machine or a cell raised.
 
+Each chapter's header says how long it takes: the line `{chapter-time}` in its Markdown becomes
+a reading estimate (its prose words at `WORDS_PER_MINUTE`) and the wall time of its last execution
+here, kept in `tools/chapter_times.json` with the machine's CPU count (`chapter`, below).
+
 `--sources-only` executes nothing: it rewrites the Markdown of the stored notebooks (the embedded
 listings of the package's code, the prose) and keeps their outputs; it refuses a chapter whose
 code cells changed, since those need executing.
@@ -15,21 +19,51 @@ code cells changed, since those need executing.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import sys
 import time
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
 sys.path.insert(0, str(Path(__file__).parent))
 
+from nbrun import SlicedClient  # noqa: E402
 from nbtools import chapter_names, notebook  # noqa: E402
 
 FORBIDDEN = [str(ROOT), "/root/", "/tmp/"]
+TIMES = ROOT / "tools" / "chapter_times.json"
+TIME_MARKER = "{chapter-time}"
+WORDS_PER_MINUTE = 200  # a careful technical read (prose only: code and listings are not counted)
+
+
+def reading_words(nb: nbformat.NotebookNode) -> int:
+    """The words of the notebook's Markdown prose, without code blocks, listings and math."""
+    text = " ".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    text = re.sub(r"(?ms)^(`{3,}).*?^\1|\$\$.*?\$\$|\$[^$]*\$", " ", text)
+    return len(re.findall(r"[A-Za-z]+(?:['’-][A-Za-z]+)*", text))
+
+
+def chapter(name: str, seconds: float | None = None) -> nbformat.NotebookNode:
+    """The chapter as the book has it (`nbtools.notebook`) with its time line filled in; `seconds`,
+    when given, is the execution just measured and replaces the stored one."""
+    nb, times = notebook(name), json.loads(TIMES.read_text()) if TIMES.exists() else {}
+    if seconds is not None:
+        times[name] = {"seconds": round(seconds), "cpus": os.cpu_count()}
+        TIMES.write_text(json.dumps(dict(sorted(times.items())), indent=1) + "\n")
+    run = times.get(name)
+    words = reading_words(nb)
+    line = (f"**Time:** about {max(1, round(words / WORDS_PER_MINUTE))} min to read ({words:,} words of prose at "
+            f"{WORDS_PER_MINUTE} a minute, code not counted)")
+    line += f"; {run['seconds']} s to run on {run['cpus']} CPU cores." if run else "; not run yet."
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and TIME_MARKER in cell.source:
+            cell.source = cell.source.replace(TIME_MARKER, line)
+    return nb
 
 
 def checked_text(nb: nbformat.NotebookNode, name: str) -> str:
@@ -62,9 +96,13 @@ def coalesce_streams(nb: nbformat.NotebookNode) -> None:
 def build(name: str) -> float:
     nb = notebook(name)
     start = time.perf_counter()
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(BOOK)}},
-                   store_widget_state=True, record_timing=False).execute()
+    SlicedClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(BOOK)}},
+                 store_widget_state=True, record_timing=False).execute()
     elapsed = time.perf_counter() - start
+    timed = chapter(name, elapsed)
+    for cell, fresh in zip(nb.cells, timed.cells):  # the header's time line, now measured
+        if cell.cell_type == "markdown":
+            cell.source = fresh.source
     coalesce_streams(nb)
     (BOOK / f"{name}.ipynb").write_text(checked_text(nb, name))
     return elapsed
@@ -72,7 +110,7 @@ def build(name: str) -> float:
 
 def refresh_sources(name: str) -> None:
     """Put the chapter's current Markdown into the stored notebook, keeping its outputs."""
-    fresh, path = notebook(name), BOOK / f"{name}.ipynb"
+    fresh, path = chapter(name), BOOK / f"{name}.ipynb"
     stored = nbformat.read(path, as_version=4)
     shape = [(c.cell_type, c.source if c.cell_type == "code" else None) for c in fresh.cells]
     if shape != [(c.cell_type, c.source if c.cell_type == "code" else None) for c in stored.cells]:

@@ -16,6 +16,15 @@
 # its lowest resolution, and the U-Net's latent pixels attend to each other *and* to the prompt.
 # This chapter builds attention from its formula, checks it against PyTorch, and looks at it.
 #
+# :::{admonition} This chapter
+# **You will learn** scaled dot-product attention, the causal mask, multi-head attention and
+# cross-attention, each checked against PyTorch's own.
+#
+# **You need** matrix products, softmax, and the notation of chapter 0.
+#
+# {chapter-time}
+# :::
+#
 # $$\operatorname{Attention}(Q, K, V) = \operatorname{softmax}\!\left(\frac{Q K^\top}{\sqrt{d_k}}\right) V$$
 #
 # Each of the $L_q$ queries (rows of $Q$) is compared with each of the $L_k$ keys by a dot
@@ -29,7 +38,7 @@
 # ## Scaled dot-product attention from scratch
 #
 # Four lines of tensor code. The division by $\sqrt{d_k}$ keeps the scores of random vectors at a
-# standard deviation of about 1 whatever the width, so the softmax does not saturate.
+# standard deviation of about $1$ whatever the width, so the softmax does not saturate.
 
 # %% tags=["nbval-check-output"]
 import math
@@ -63,7 +72,7 @@ for causal in (False, True):
 #
 # To see attention do something, give it a job: six tokens whose keys are one-hot "names", and
 # queries that each look for one of them. Each row of the heatmap is one query's distribution
-# over the keys. Scaling the scores up (a *temperature* below 1) sharpens it; with the causal mask
+# over the keys. Scaling the scores up (a *temperature* below $1$) sharpens it; with the causal mask
 # the upper triangle is forbidden and every row re-normalises over what is left.
 
 # %%
@@ -83,9 +92,9 @@ fig.colorbar(im, ax=axes, shrink=0.8, label="weight")
 plt.show()
 
 # %% [markdown]
-# The first panel finds exactly the wanted token in each row. In the third, query 0 can only see
-# token 0, so it puts all its weight there even though it wanted token 2: the causal mask is
-# what lets CLIP read a prompt left to right.
+# The first panel finds exactly the wanted token in each row. In the third, the first query can
+# only see the first token, so it puts all its weight there even though it wanted another: the
+# causal mask is what lets CLIP read a prompt left to right.
 #
 # ## sdlab's version
 #
@@ -119,7 +128,23 @@ print("math  == from scratch:", torch.allclose(explicit, ref, atol=1e-6), " weig
 #
 # The cost is the same as one head of width $d$: the split is only a reshape,
 # (B, L, d) → (B, h, L, d/h). `sdlab` keeps the three projections $W^Q, W^K, W^V$ as one linear
-# layer `in_proj` of width $3d$, as CLIP's and the VAE's checkpoints store them once fused.
+# layer `in_proj` of width $3d$ and computes them in one matrix product. The checkpoints store them
+# separately (CLIP's `q_proj`, `k_proj`, `v_proj`; the VAE's `q`, `k`, `v`), and
+# `sdlab/model_converter.py` concatenates the three when it loads a file. The bundled tiny
+# checkpoint, in the original file's layout, shows it:
+
+# %%
+from safetensors import safe_open
+from sdlab import model_loader
+
+with safe_open(model_loader.DEFAULT_CHECKPOINT, "pt") as checkpoint:
+    layer = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn."
+    stored = sorted(key.removeprefix(layer) for key in checkpoint.keys() if key.startswith(layer) and key.endswith("weight"))
+print("the file's first CLIP attention layer:", stored)
+print("sdlab's, after loading: in_proj.weight", tuple(model_loader.preload_models_from_standard_weights()["clip"]
+                                                     .layers[0].attention.in_proj.weight.shape))
+
+# %% [markdown]
 #
 # ```{listing} sdlab.attention._MultiHead
 # ```
@@ -152,8 +177,12 @@ print(f"parameters: {sum(p.numel() for p in mine.parameters()):,} (= 4 d² + 4 d
 
 # %% [markdown]
 # With `store_attention = True` a module keeps the weights of its last call (this switches it to
-# the explicit formula). Here are the 8 heads of a random causal self-attention layer: with random
-# weights each head already has its own pattern, and all of them respect the mask.
+# the explicit formula). Here are the {glue:text}`heads` heads of a random causal self-attention
+# layer. With PyTorch's initialisation the scores are small, so every head is close to a uniform
+# average over the tokens it may see: two heads' weights differ by {glue:text}`head_spread:.3f` on
+# average, a weight differs from the uniform one by {glue:text}`head_from_uniform:.3f`, next to an
+# average weight of {glue:text}`head_mean_weight:.3f`. The heads look alike; it is training that
+# gives each head its own pattern (chapter 6 looks at trained ones). All of them respect the mask.
 
 # %%
 mine.store_attention = True
@@ -168,14 +197,25 @@ for h, ax in enumerate(axes):
     ax.axis("off")
 plt.show()
 print("weights", tuple(mine.attention_weights.shape), "| above the diagonal:", maps.triu(1).abs().max().item())
+allowed = torch.ones(L, L, dtype=torch.bool).tril()  # the weights the mask leaves
+uniform = allowed / torch.arange(1, L + 1)[:, None]  # each row: 1 / (tokens it may see)
+pairs = [(a, b) for a in range(heads) for b in range(a + 1, heads)]
+spread = torch.stack([(maps[a] - maps[b]).abs()[allowed].mean() for a, b in pairs]).mean()
+from_uniform, mean_weight = (maps - uniform).abs()[:, allowed].mean(), uniform[allowed].mean()
+print(f"mean difference between two heads: {spread:.3f}; from uniform: {from_uniform:.3f}; mean weight {mean_weight:.3f}")
+glue("heads", heads)
+glue("head_spread", spread)
+glue("head_from_uniform", from_uniform)
+glue("head_mean_weight", mean_weight)
 
 # %% [markdown]
 # ## Cross-attention
 #
 # In the U-Net the queries come from the image and the keys and values from the text: each latent
 # pixel asks "which words are about me?" and receives a mix of their embeddings. The two
-# sequences can have different lengths (4096 pixels at 64×64, 77 tokens) and widths (320 to
-# 1280 channels for the pixels, 768 for CLIP), so there are three separate projections:
+# sequences can have different lengths ($64^2 = 4096$ pixels at 64×64, $77$ tokens) and widths
+# (from $320$ to $1280$ channels for the pixels, $768$ for CLIP: `sdlab.config.SD15`), so there
+# are three separate projections:
 #
 # ```{listing} sdlab.attention.CrossAttention
 # ```
@@ -193,7 +233,7 @@ print("weights (B, heads, pixels, tokens):", tuple(cross.attention_weights.shape
 # %% [markdown]
 # The output has one row per *pixel*, like the input: cross-attention writes text information into
 # the image without changing its shape. Averaged over the heads, every pixel's weights over the
-# 5 tokens form a map; shown as images, these are the per-token attention maps that chapter 6
+# tokens form a map; shown as images, these are the per-token attention maps that chapter 6
 # uses to see where each word of a prompt lands in the picture.
 
 # %%
@@ -221,10 +261,10 @@ plt.show()
 # ## Exercises
 #
 # 1. Remove the $1/\sqrt{d_k}$ factor and plot the entropy of the attention rows of random
-#    inputs as $d_k$ grows from 8 to 512. What happens, and why does it hurt training?
+#    inputs as $d_k$ grows from $8$ to $512$. What happens, and why does it hurt training?
 # 2. Show that attention without a mask is *permutation-equivariant*: permuting the input
 #    positions permutes the output the same way. Where does CLIP get its sense of order from?
-# 3. Count the multiply-adds of self-attention over the 4096 latent pixels of a 512×512 image at
-#    width 320. Which term dominates, and what does the fused kernel save?
+# 3. Count the multiply-adds of self-attention over the $4096$ latent pixels of a 512×512 image at
+#    width $320$. Which term dominates, and what does the fused kernel save?
 # 4. Implement a padding mask (keys that no query may attend to) and check it against
 #    `scaled_dot_product_attention(..., attn_mask=...)`.

@@ -12,9 +12,30 @@
 # # 2. The CLIP text encoder
 #
 # Stable Diffusion never reads your prompt as text. The text encoder of OpenAI's CLIP ViT-L/14
-# turns it into **77 vectors of 768 numbers**, one per token position, and the U-Net attends to
-# them (chapter 4). This chapter follows a real prompt through the two halves of that: the
-# *tokenizer* (text → 77 integers) and the *transformer* (integers → vectors).
+# turns it into **{glue:text}`n_token` vectors of {glue:text}`n_embd` numbers**, one per token
+# position, and the U-Net attends to them (chapter 4). This chapter follows a real prompt through
+# the two halves of that: the *tokenizer* (text → integers) and the *transformer* (integers →
+# vectors).
+#
+# :::{admonition} This chapter
+# **You will learn** what CLIP is and why Stable Diffusion keeps its text encoder frozen,
+# byte-level BPE tokenization, and the text transformer, each checked against `transformers`.
+#
+# **You need** chapter 1 (attention, the causal mask).
+#
+# {chapter-time}
+# :::
+#
+# **What CLIP is.** CLIP ([Radford et al. 2021](https://arxiv.org/abs/2103.00020)) is a pair of
+# encoders, one for images and one for text, trained *contrastively* on image–caption pairs from
+# the web: in a batch of pairs, each image's embedding must be most similar (by cosine) to its
+# own caption's embedding and less similar to every other caption's, and vice versa. The text
+# encoder learns to put into its vectors what is visible in a picture: objects, attributes,
+# styles. Stable Diffusion uses only CLIP's text encoder, and keeps it **frozen**: its weights are
+# OpenAI's, unchanged, and only the U-Net was trained (the VAE was trained before, separately).
+# The frozen encoder brings what it learned from its own, much larger data set, and the U-Net
+# learns to read its vectors. (Chapter 7's tiny model has no pretrained CLIP to borrow, so it
+# trains its own small text encoder with the U-Net: that is the one place where the recipe differs.)
 
 # %% tags=["hide-input"]
 # book-setup: tools/setup_cell.py goes here when the notebook is built
@@ -24,8 +45,8 @@
 #
 # The tokenizer normalises the text (NFC, one space, lower case), cuts it into words with a
 # regular expression, writes each word as bytes and then applies **byte-pair encoding**: it glues
-# neighbouring pieces together, always the pair that comes first in the list of 48,894 *merges*
-# OpenAI learned, until no known pair is left. Each final piece is one token of the 49,408-entry
+# neighbouring pieces together, always the pair that comes first in the list of {glue:text}`n_merges` *merges*
+# OpenAI learned, until no known pair is left. Each final piece is one token of the {glue:text}`n_vocab`-entry
 # vocabulary. This is the real vocabulary, shipped with `sdlab`:
 
 # %% tags=["nbval-check-output"]
@@ -34,6 +55,12 @@ from sdlab.tokenizer import load_tokenizer
 tokenizer = load_tokenizer()
 prompt = "A watercolour painting of a capybara astronaut, 4k"
 print(tokenizer)
+print(f"{len(tokenizer.ranks):,} merges, ids {tokenizer.bos_token_id} = {tokenizer.bos_token}, {tokenizer.eos_token_id} = {tokenizer.eos_token}")
+glue("n_merges", f"{len(tokenizer.ranks):,}")
+glue("n_vocab", f"{len(tokenizer.vocab):,}")
+glue("bos_id", tokenizer.bos_token_id)
+glue("eos_id", tokenizer.eos_token_id)
+glue("n_token", tokenizer.model_max_length)
 print(tokenizer.tokenize(prompt))
 print(tokenizer.encode(prompt))
 
@@ -53,8 +80,8 @@ for step in tokenizer.bpe_steps("capybara"):
 # ```
 #
 # Merges learned early (low rank) join frequent pairs like `o`+`n`; late merges build whole
-# words. Finally the ids are *framed*: `<|startoftext|>` (49406) in front, `<|endoftext|>` (49407)
-# after, and padding with `<|endoftext|>` up to the 77 positions of the encoder.
+# words. Finally the ids are *framed*: `<|startoftext|>` ({glue:text}`bos_id`) in front, `<|endoftext|>` ({glue:text}`eos_id`)
+# after, and padding with `<|endoftext|>` up to the {glue:text}`n_token` positions of the encoder.
 #
 # **Check against transformers.** `sdlab` writes the Hugging Face tokenizer files from the same
 # merges, so `transformers.CLIPTokenizer` can be built without the Hub and compared:
@@ -89,17 +116,17 @@ plt.show()
 # %% [markdown]
 # ## Token and position embeddings
 #
-# The encoder looks each id up in a table of 49,408 learned vectors and adds a learned vector
-# for each of the 77 *positions* (attention alone does not know the order of its inputs):
+# The encoder looks each id up in a table of {glue:text}`n_vocab` learned vectors and adds a learned vector
+# for each of the {glue:text}`n_token` *positions* (attention alone does not know the order of its inputs):
 #
 # ```{listing} sdlab.clip.CLIPEmbedding
 # ```
 #
 # ## The layer stack
 #
-# Twelve identical pre-norm transformer layers follow: causal self-attention (chapter 1), then
-# an MLP with the QuickGELU activation $x\,\sigma(1.702\,x)$, each wrapped in a residual
-# connection. A final layer norm gives the 77 × 768 output that conditions the U-Net.
+# {glue:text}`n_layer` identical pre-norm transformer layers follow: causal self-attention (chapter 1), then
+# an MLP with the QuickGELU activation $x \cdot \operatorname{sigmoid}(1.702\,x)$, each wrapped in a residual
+# connection. A final layer norm gives the {glue:text}`n_token` × {glue:text}`n_embd` output that conditions the U-Net.
 #
 # ```{listing} sdlab.clip.CLIPLayer
 # ```
@@ -109,7 +136,7 @@ plt.show()
 #
 # The causal mask means the vector at position $i$ depends on the tokens $0 \dots i$ only: the
 # padding positions after the prompt *do* carry information about the whole prompt, which is why
-# Stable Diffusion conditions on all 77 positions.
+# Stable Diffusion conditions on all {glue:text}`n_token` positions.
 
 # %% tags=["nbval-check-output"]
 from sdlab import SD15, CLIPConfig
@@ -118,13 +145,16 @@ from sdlab.clip import CLIP
 with torch.device("meta"):
     full = CLIP(SD15.clip)
 print(f"SD1.5 text encoder: {sum(p.numel() for p in full.parameters()):,} parameters")
+glue("n_layer", SD15.clip.n_layer)
+glue("n_embd", SD15.clip.n_embd)
+glue("clip_millions", sum(p.numel() for p in full.parameters()) / 1e6)
 for name, child in full.named_children():
     print(f"  {name:10s} {sum(p.numel() for p in child.parameters()):>12,d}")
 
 # %% [markdown]
 # ## Parity with transformers
 #
-# We build a *small* CLIP (2 layers, width 64, the real vocabulary and 77 positions) in
+# We build a *small* CLIP (two layers, width $64$, the real vocabulary and positions) in
 # `transformers` with random weights, convert its weights with `sdlab.model_converter` (the same
 # key-renaming rules that load the real checkpoint, including the fusion of the query, key and
 # value projections) and compare the outputs. The full-size comparison is in the test suite.
@@ -185,17 +215,34 @@ axes[1].imshow(ours[0].T, aspect="auto", cmap="RdBu_r")
 axes[1].set(title="encoder output (64 × 77)", xlabel="position", ylabel="channel")
 plt.show()
 
+def mean_cosine(vectors):  # (n, d): the mean cosine similarity of all distinct pairs
+    unit = torch.nn.functional.normalize(vectors, dim=1)
+    similarity = unit @ unit.T
+    n = len(vectors)
+    return ((similarity.sum() - n) / (n * (n - 1))).item()
+
+padding = slice(n_real, None)  # the positions after the first <|endoftext|>
+before, after = mean_cosine(embedded[padding]), mean_cosine(ours[0, padding])
+print(f"padding positions, mean pairwise cosine: {before:.2f} before the layers, {after:.2f} after")
+glue("pad_cosine_before", before)
+glue("pad_cosine_after", after)
+glue("pad_trend", "more alike" if after > before else "less alike")
+
 # %% [markdown]
-# The padding positions (after the first `<|endoftext|>`) all start from the *same* token embedding (only
-# the position embedding differs); after the layers they differ, because each has attended to the
-# whole prompt before it.
+# The padding positions (after the first `<|endoftext|>`) all start from the *same* token embedding
+# (only the position embedding differs): their mean pairwise cosine similarity is
+# {glue:text}`pad_cosine_before:.2f` before the layers and {glue:text}`pad_cosine_after:.2f` after
+# them: after the layers they are {glue:text}`pad_trend` than before. Each of them attends to the
+# same prompt before it, so what they carry is mostly that shared summary of the prompt. (This is the small random CLIP of this chapter; the output is what conditions the U-Net.)
 #
 # ## Summary
 #
-# * The tokenizer: normalise → split into words → byte-level BPE with 48,894 ranked merges →
-#   `<|startoftext|>` … `<|endoftext|>`, padded to 77 ids.
-# * The encoder: token + position embeddings, 12 pre-norm layers of causal self-attention and a
-#   QuickGELU MLP, a final layer norm: (B, 77) ids → (B, 77, 768) vectors, 123 M parameters.
+# * The tokenizer: normalise → split into words → byte-level BPE with {glue:text}`n_merges` ranked merges →
+#   `<|startoftext|>` … `<|endoftext|>`, padded to {glue:text}`n_token` ids.
+# * The encoder: token + position embeddings, {glue:text}`n_layer` pre-norm layers of causal
+#   self-attention and a QuickGELU MLP, a final layer norm: ids → vectors of width
+#   {glue:text}`n_embd`, {glue:text}`clip_millions:.0f` M parameters; contrastively trained by
+#   OpenAI and frozen in Stable Diffusion.
 # * `sdlab`'s tokenizer gives the ids of `transformers.CLIPTokenizer`, and its encoder the outputs
 #   of `transformers.CLIPTextModel` with the same weights.
 #
@@ -203,8 +250,8 @@ plt.show()
 #
 # 1. Find a common English word that BPE splits into three or more tokens. How many tokens does
 #    your name take? An emoji?
-# 2. Write a prompt longer than 77 tokens. What does the tokenizer warn, and which words does
+# 2. Write a prompt longer than {glue:text}`n_token` tokens. What does the tokenizer warn, and which words does
 #    Stable Diffusion never see?
 # 3. Replace the causal mask with no mask in `CLIPLayer` and check that the parity test fails.
 #    Which positions still agree, and why?
-# 4. Show that the output at position 3 does not change when you change the word at position 5.
+# 4. Show that the output at an early position does not change when you change a later word.

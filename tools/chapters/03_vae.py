@@ -12,10 +12,19 @@
 # # 3. The VAE
 #
 # Diffusion on 512×512×3 pixels is expensive. Stable Diffusion first compresses each image
-# with a variational autoencoder (VAE) into **latents** of 64×64×4, 48 times fewer numbers, and
-# runs the whole diffusion process there. The encoder is only needed for image-to-image and for
+# with a variational autoencoder (VAE) into **latents** of 64×64×4, $512^2 \cdot 3 / (64^2 \cdot 4)
+# = 48$ times fewer numbers, and runs the whole diffusion process there. The encoder is only needed for image-to-image and for
 # training; text-to-image only decodes. This chapter builds both halves, runs a real photo through
 # the encoder and checks the code against `diffusers`.
+#
+# :::{admonition} This chapter
+# **You will learn** the VAE's residual and attention blocks, the encoder's Gaussian and the
+# reparameterization trick, the latent scale factor, and parity with `diffusers`' `AutoencoderKL`.
+#
+# **You need** convolutions and group norm, chapter 1 (attention), a Gaussian's mean and variance.
+#
+# {chapter-time}
+# :::
 
 # %% tags=["hide-input"]
 # book-setup: tools/setup_cell.py goes here when the notebook is built
@@ -38,20 +47,23 @@
 #
 # ## The encoder and the reparameterization trick
 #
-# The encoder halves the resolution three times with stride-2 convolutions and ends in 8
-# channels: the mean $\mu$ and the log-variance $\log\sigma^2$ of a Gaussian over the 4 latent
-# channels. A latent is *sampled* from it with the **reparameterization trick**,
-# $z = \mu + \sigma \odot \varepsilon$ with $\varepsilon \sim \mathcal{N}(0, I)$: the randomness is
-# an input, so gradients flow through $\mu$ and $\sigma$ during training, and the same
-# $\varepsilon$ gives the same latents. Finally the latents are multiplied by **0.18215**.
+# The encoder halves the resolution three times with stride-two convolutions and ends in twice
+# as many channels as the latents have: the mean $\mu$ and the log-variance $\log v$ of a Gaussian
+# over the latent channels. A latent is *sampled* from it with the **reparameterization trick**,
+# $z = \mu + \sqrt{v} \odot \epsilon$ with $\epsilon \sim \mathcal{N}(0, I)$: the randomness is
+# an input, so gradients flow through $\mu$ and $v$ during training, and the same $\epsilon$ gives
+# the same latents. Finally the latents are multiplied by the **scale factor**, SD1.5's
+# {glue:text}`sd15_scale`.
 #
 # ```{listing} sdlab.encoder.VAE_Encoder
 # ```
 #
-# Why 0.18215? The KL term of the VAE's training was weak, so its latents have a standard
-# deviation of about 5.5 on real images. The diffusion model wants data of unit variance (its
-# noise is $\mathcal{N}(0, I)$), so the authors measured the standard deviation on a batch of
-# images and divided by it: $1 / 5.49 \approx 0.18215$. The decoder divides it back out.
+# Why a scale factor? The KL term of the VAE's training was weak, so its latents are far from unit
+# variance on real images. The diffusion model wants data of unit variance (its noise is
+# $\mathcal{N}(0, I)$), so SD's authors measured the standard deviation of the latents on a batch of
+# images and divided by it: the factor is $1 / \text{std}$, which for SD1.5's VAE means a standard
+# deviation of {glue:text}`sd15_latent_std:.2f`. The tiny model's factor was measured the same way
+# (chapter 7). The decoder divides it back out.
 #
 # ```{listing} sdlab.decoder.VAE_Decoder
 # ```
@@ -77,6 +89,8 @@ with torch.device("meta"):
     print(f"{'latents':14s} {tuple(latents.shape)}")
     print(f"{'decoded':14s} {tuple(decoder(latents).shape)}")
 print(f"parameters: encoder {sum(p.numel() for p in encoder.parameters()):,}, decoder {sum(p.numel() for p in decoder.parameters()):,}")
+glue("sd15_scale", SD15.vae.scale_factor)
+glue("sd15_latent_std", 1 / SD15.vae.scale_factor)
 
 # %% [markdown]
 # ## A real photo through the encoder
@@ -125,23 +139,44 @@ for ax in axes:
     ax.axis("off")
 fig.suptitle(f"the encoder's latent channels ({model_name})", fontsize=10)
 plt.show()
+# how much each channel looks like the photo: correlation with its brightness at the latents' size
+brightness = torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), config.downscale)[0, 0].flatten()
+correlation = [torch.corrcoef(torch.stack([mean[0, c].flatten(), brightness]))[0, 1].item() for c in range(4)]
+print("correlation of each channel with the photo's brightness:", " ".join(f"{r:+.2f}" for r in correlation))
+glue("latent_model", model_name)
+glue("latent_correlation", max(abs(r) for r in correlation))
+glue("latent_correlation_weakest", min(abs(r) for r in correlation))
+glue("latent_follows", "follows" if max(abs(r) for r in correlation) > 0.5 else "does not follow")
+glue("latent_downscale", config.downscale)
 
 # %% [markdown]
-# Each latent pixel summarises an 8×8 patch of pixels, and the four channels
-# still look like the image: the VAE compresses *perceptually*, it does not scramble.
+# Each latent pixel summarises a patch of {glue:text}`latent_downscale` × {glue:text}`latent_downscale`
+# pixels.
 #
-# **The reparameterization trick at work.** The same $\varepsilon$ gives the same latents; a
-# different one moves them by about $\sigma$, which the decoder barely notices:
+# :::{admonition} Which model: {glue:text}`latent_model`
+# :class: note
+# The figure is that model's. Measured against the photo's brightness over each latent pixel's
+# patch, the channels' correlations range from {glue:text}`latent_correlation_weakest:.2f` to
+# {glue:text}`latent_correlation:.2f` in size (a copy of the image would have $1$): the strongest
+# channel {glue:text}`latent_follows` the photo's light and dark regions, even though the tiny
+# model's VAE was trained only on the shapes of chapter 7, and the latents are too coarse to show
+# more. SD1.5's VAE, at 512×512, gives latents whose channels look like the photo itself: it
+# compresses *perceptually*, it does not scramble.
+# :::
+#
+# **The reparameterization trick at work.** The same $\epsilon$ gives the same latents; a
+# different one moves them by about $\sqrt{v}$, which the decoder barely notices:
 
 # %%
 g = torch.Generator().manual_seed(0)
 eps_a, eps_b = torch.randn(mean.shape, generator=g), torch.randn(mean.shape, generator=g)
 with torch.no_grad():
     z_a, z_a_again, z_b = vae_encoder(x, eps_a), vae_encoder(x, eps_a), vae_encoder(x, eps_b)
-sigma = (0.5 * log_variance).exp()
+std = (0.5 * log_variance).exp()  # √v
 print("same noise, same latents:", torch.equal(z_a, z_a_again))
-print(f"typical σ relative to |μ|: {(sigma.mean() / mean.abs().mean()).item():.2g}")
-print(f"latent std after the 0.18215 scale: {z_a.std().item():.2f}  (before: {(z_a / config.scale_factor).std().item():.2f})")
+print(f"typical √v relative to |μ|: {(std.mean() / mean.abs().mean()).item():.2g}")
+print(f"latent std after this model's scale factor {config.scale_factor:.3g}: {z_a.std().item():.2f}  "
+      f"(before: {(z_a / config.scale_factor).std().item():.2f})")
 
 # %% [markdown]
 # ## Reconstructions
@@ -181,7 +216,7 @@ else:
 # %% [markdown]
 # ## Parity with diffusers
 #
-# A small VAE (two levels of 32 and 64 channels) with random weights: `sdlab` writes its weights
+# A small VAE (two levels, of $32$ and $64$ channels) with random weights: `sdlab` writes its weights
 # in the original checkpoint's layout, `diffusers`' single-file converter loads them into an
 # `AutoencoderKL`, and we compare the encoder's Gaussian and the decoder's image.
 
@@ -218,16 +253,18 @@ print("decoder", tuple(decoded.shape), "max |difference| < 1e-4:", (decoded - re
 # ## Summary
 #
 # * The VAE maps 512×512×3 images to 64×64×4 latents and back; diffusion runs on the latents.
-# * Encoder: convolutions, residual blocks, three stride-2 down-samplings, one attention block,
-#   → the mean and log-variance of a Gaussian; $z = (\mu + \sigma\varepsilon) \times 0.18215$.
-# * Decoder: the mirror image, with nearest-neighbour up-sampling; it divides by 0.18215 first.
-# * 0.18215 makes the latents of real images unit-variance, as the diffusion model expects.
+# * Encoder: convolutions, residual blocks, three stride-two down-samplings, one attention block,
+#   → the mean and log-variance of a Gaussian; $z = (\mu + \sqrt{v}\,\epsilon) \times$ the scale
+#   factor ({glue:text}`sd15_scale` for SD1.5).
+# * Decoder: the mirror image, with nearest-neighbour up-sampling; it divides by the scale factor
+#   first.
+# * The scale factor makes the latents of real images unit-variance, as the diffusion model expects.
 # * `sdlab`'s VAE matches `diffusers`' `AutoencoderKL` with the same weights.
 #
 # ## Exercises
 #
-# 1. Decode the latents with and without the noise $\sigma\varepsilon$. Can you see a difference?
-#    What does that say about $\sigma$?
+# 1. Decode the latents with and without the noise $\sqrt{v}\,\epsilon$. Can you see a difference?
+#    What does that say about $v$?
 # 2. Interpolate linearly between the latents of two images and decode the path.
 # 3. Set one latent channel to zero before decoding. What does each channel seem to encode?
 # 4. Measure the standard deviation of unscaled latents over many images of the Shapes data set

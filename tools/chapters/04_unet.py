@@ -11,11 +11,22 @@
 # %% [markdown]
 # # 4. The U-Net
 #
-# The U-Net is the network that is trained, and 80 % of Stable Diffusion's parameters. Given the
-# noisy latents $z_t$ (B, 4, 64, 64), the timestep $t$ and the text context $c$ (B, 77, 768), it
-# predicts the noise $\varepsilon_\theta(z_t, t, c)$ that was added. This chapter builds it from
-# its parts: the time embedding, residual blocks that take the time, transformer blocks that take
-# the text, and the skip connections that give the U its shape.
+# The U-Net is the network that is trained, and {glue:text}`unet_share:.0%` of Stable Diffusion's
+# parameters. Given the noisy latents $x_t$ of shape $(B, 4, 64, 64)$, the timestep $t$ and the
+# text context $c$ of shape $(B, 77, 768)$ (SD1.5 at 512×512), it predicts the noise
+# $\epsilon_\theta(x_t, t, c)$ that was added. This chapter builds it from its parts: the time
+# embedding, residual blocks that take the time, transformer blocks that take the text, and the
+# skip connections that give the U its shape.
+#
+# :::{admonition} This chapter
+# **You will learn** the sinusoidal time embedding, residual blocks that take the time,
+# transformer blocks that take the text by cross-attention, the U of skip connections, and parity
+# with `diffusers`' `UNet2DConditionModel`.
+#
+# **You need** chapters 1–3.
+#
+# {chapter-time}
+# :::
 
 # %% tags=["hide-input"]
 # book-setup: tools/setup_cell.py goes here when the notebook is built
@@ -23,7 +34,7 @@
 # %% [markdown]
 # ## The sinusoidal time embedding
 #
-# The timestep is a single number from 0 to 999. The network sees it as a vector of sines and
+# The timestep is a single number, $t = 0 \dots 999$. The network sees it as a vector of sines and
 # cosines of geometrically spaced frequencies, the positional encoding of the Transformer:
 #
 # ```{listing} sdlab.diffusion.get_time_embedding
@@ -46,8 +57,8 @@ plt.show()
 
 # %% [markdown]
 # Low channels oscillate fast and tell nearby timesteps apart; high channels vary slowly and
-# say roughly where in the schedule we are. A small MLP (`TimeEmbedding`) maps the 320 numbers to
-# 1280, the width every residual block reads:
+# say roughly where in the schedule we are. A small MLP (`TimeEmbedding`) maps the
+# {glue:text}`time_dim` numbers to {glue:text}`time_width`, the width every residual block reads:
 #
 # ```{listing} sdlab.diffusion.TimeEmbedding
 # ```
@@ -64,8 +75,8 @@ plt.show()
 # ## Transformer blocks that take the text
 #
 # At the three highest resolutions, each residual block is followed by a transformer block over
-# the pixels: self-attention between the pixels, **cross-attention from the pixels to the 77 text
-# vectors**, and a GEGLU feed-forward layer, each with its layer norm and residual connection.
+# the pixels: self-attention between the pixels, **cross-attention from the pixels to the text
+# vectors** (one per token, chapter 2), and a GEGLU feed-forward layer, each with its layer norm and residual connection.
 # This is the only place the prompt enters the U-Net.
 #
 # ```{listing} sdlab.diffusion.UNET_AttentionBlock
@@ -89,7 +100,7 @@ print("attention block:", tuple(h.shape), "+ context", tuple(context.shape), "->
 # ```{listing} sdlab.diffusion.UNET
 # ```
 #
-# The encoder halves the resolution three times (64 → 32 → 16 → 8), the decoder doubles it back.
+# The encoder halves the resolution three times ({glue:text}`resolutions`), the decoder doubles it back.
 # Every encoder layer's output is kept, and the decoder layer at the mirrored position
 # concatenates it to its input on the channel axis. Without these *skip connections* the fine
 # detail lost in down-sampling could not be recovered. Here are the outputs of every layer of
@@ -132,13 +143,26 @@ ax.set_xticks(range(len(names)), [n.replace("encoders.", "e").replace("decoders.
 ax.set(ylabel="channels", ylim=(-450, 1450),
        title="SD1.5 U-Net: width of each layer's output (label: resolution); arcs: skip connections")
 plt.show()
+from sdlab import model_loader
+
+with torch.device("meta"):
+    sd15_total = sum(p.numel() for m in model_loader.build_models(SD15).values() for p in m.parameters())
+unet_parameters = sum(p.numel() for p in unet.parameters())
+print(f"{len(names)} layers, {unet_parameters:,} parameters ({unet_parameters / sd15_total:.0%} of SD1.5's)")
+glue("unet_share", unet_parameters / sd15_total)
+glue("unet_parameters", f"{unet_parameters:,}")
+glue("n_unet_layers", len(names))
+glue("resolutions", " → ".join(str(s) for s in dict.fromkeys(sizes[: n_enc + 1])))
+glue("max_width", max(widths))
+glue("time_dim", SD15.unet.time_dim)
+glue("time_width", unet.time_embedding(torch.zeros(1, SD15.unet.time_dim, device="meta")).shape[-1])
 
 
 # %% [markdown]
 # ## Parameters per block
 #
-# SD1.5's U-Net has 859,520,964 parameters. Most sit at the two lowest resolutions, where the
-# width is 1280: the attention and the convolutions cost width² per pixel, and there are few
+# SD1.5's U-Net has {glue:text}`unet_parameters` parameters. Most sit at the two lowest
+# resolutions, where the width is {glue:text}`max_width`: the attention and the convolutions cost width² per pixel, and there are few
 # pixels but many channels.
 
 # %% tags=["nbval-check-output"]
@@ -159,7 +183,7 @@ print(f"{'total':14s} {count(unet):>12,d}")
 # %% [markdown]
 # ## Parity with diffusers
 #
-# A small U-Net (two levels of 32 and 64 channels, one attention level, 2 heads) with random
+# A small U-Net (two levels, of $32$ and $64$ channels, one attention level, two heads) with random
 # weights: `sdlab` writes its weights in the original checkpoint's key layout
 # (`model_converter.to_standard`), `diffusers`' own single-file converter reads them into a
 # `UNet2DConditionModel`, and both predict the noise for the same input. Two independent key
@@ -195,11 +219,12 @@ print(f"parameters: {count(ours):,} | output {tuple(a.shape)} | max |difference|
 # %% [markdown]
 # ## Summary
 #
-# * $\varepsilon_\theta(z_t, t, c)$: (B, 4, h, w) latents + timestep + (B, 77, 768) text → (B, 4, h, w) noise.
+# * $\epsilon_\theta(x_t, t, c)$: latents $(B, 4, h, w)$ + timestep + text $(B, 77, 768)$ → noise $(B, 4, h, w)$.
 # * The timestep enters as a sinusoidal embedding + MLP, added as a per-channel shift in every
 #   residual block; the text enters only through cross-attention in the transformer blocks.
-# * Encoder (64 → 8), bottleneck, decoder (8 → 64), with a skip connection from every encoder
-#   layer to its mirror: 25 layers, 859,520,964 parameters for SD1.5.
+# * Encoder ({glue:text}`resolutions`), bottleneck, decoder back up, with a skip connection from
+#   every encoder layer to its mirror: {glue:text}`n_unet_layers` layers,
+#   {glue:text}`unet_parameters` parameters for SD1.5.
 # * `sdlab`'s U-Net matches `diffusers`' `UNet2DConditionModel` with the same weights.
 #
 # ## Exercises
@@ -210,4 +235,4 @@ print(f"parameters: {count(ours):,} | output {tuple(a.shape)} | max |difference|
 #    are left, and what could such a model still learn?
 # 3. Remove one skip connection (replace it with zeros of the same shape) and explain why the
 #    U-Net cannot be trained to reproduce fine detail without it.
-# 4. Why does the time embedding use frequencies up to $10000^{-1}$ when $t$ only goes to 999?
+# 4. Why does the time embedding use frequencies up to $10000^{-1}$ when $t$ only goes to $999$?

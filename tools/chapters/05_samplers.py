@@ -13,7 +13,18 @@
 #
 # The U-Net of chapter 4 predicts noise. This chapter is about what that is for: the *forward
 # process* that turns images into noise during training, the noise *schedule*, and the
-# *samplers* that run the process backwards, from noise to image, in 20 to 1000 steps.
+# *samplers* that run the process backwards, from noise to image, in anything from a few steps to
+# one per training step.
+#
+# :::{admonition} This chapter
+# **You will learn** the forward process and the noise schedule, DDPM's reverse step, why DDIM,
+# Euler and DPM++ 2M take bigger steps, that DDPM on a reduced schedule *is* DDIM with $\eta = 1$,
+# and how classifier-free guidance interacts with a solver's order.
+#
+# **You need** chapter 4 (the time embedding) and the notation of chapter 0.
+#
+# {chapter-time}
+# :::
 
 # %% tags=["hide-input"]
 # book-setup: tools/setup_cell.py goes here when the notebook is built
@@ -22,8 +33,9 @@
 # ## The forward process
 #
 # Training corrupts a clean latent $x_0$ in $T = 1000$ small Gaussian steps of variances
-# $\beta_1 \dots \beta_T$. With $\alpha_t = 1 - \beta_t$ and $\bar\alpha_t = \prod_{s \le t} \alpha_s$
-# any step can be reached in one jump:
+# $\beta_t$, $t = 0 \dots T - 1$ (counted from $0$ as in the code; the papers and the docstrings
+# below count $1 \dots T$). With $\alpha_t = 1 - \beta_t$ and
+# $\bar\alpha_t = \prod_{\tau \le t} \alpha_\tau$ any step can be reached in one jump:
 #
 # $$x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon, \qquad \epsilon \sim \mathcal{N}(0, I).$$
 #
@@ -95,6 +107,7 @@ plt.show()
 for name, betas in schedules.items():
     alpha_bar = torch.cumprod(1 - betas, 0)
     print(f"{name:36s} ᾱ_999 = {alpha_bar[-1].item():.4f}   SNR(999) = {(alpha_bar[-1] / (1 - alpha_bar[-1])).item():.4f}")
+glue("sd_final_alpha_bar", torch.cumprod(1 - schedules["SD scaled_linear (0.00085, 0.012)"], 0)[-1])
 
 # %% tags=["nbval-check-output"]
 for name, betas in schedules.items():
@@ -102,7 +115,7 @@ for name, betas in schedules.items():
     print(f"{name:36s} ᾱ_999 ≈ {alpha_bar[-1].item():.3f}")
 
 # %% [markdown]
-# SD's final $\bar\alpha$ is 0.005, not 0: the last training step still holds a little of the
+# SD's final $\bar\alpha_{999}$ is {glue:text}`sd_final_alpha_bar:.4f`, not $0$: the last training step still holds a little of the
 # image (an observation that led [Lin et al. 2023](https://arxiv.org/abs/2305.08891) to propose
 # zero-terminal-SNR schedules).
 #
@@ -227,7 +240,8 @@ plt.show()
 
 # %% [markdown]
 # Every `sdlab` sampler is driven by the same loop, the one the pipeline of chapter 6 runs with
-# the U-Net. Here is DDPM with 500 steps, recording the cloud of points on the way:
+# the U-Net. Here is DDPM with half as many steps as the schedule has (`sample("ddpm", 500)`),
+# recording the cloud of points on the way:
 
 # %%
 from sdlab.samplers import make_sampler
@@ -256,9 +270,10 @@ plt.show()
 # %% [markdown]
 # ## DDIM, Euler, DPM++ side by side
 #
-# DDPM needs many steps because each step only removes a little noise and adds some back.
-# Faster samplers see sampling as solving an ODE (or SDE) in the noise level and take bigger,
-# smarter steps:
+# DDPM was designed to run all $T$ steps, each removing a little noise and adding some back. Run
+# on a reduced schedule, it is not a different method any more: its step from $t$ to $t'$ is
+# exactly DDIM's step with $\eta = 1$ (checked below). The other samplers see sampling as solving an
+# ODE (or SDE) in the noise level and take bigger, smarter steps:
 #
 # * **DDIM** ([Song et al. 2020](https://arxiv.org/abs/2010.02502)): deterministic; jumps from
 #   $t$ to $t'$ along the direction of the predicted noise.
@@ -271,7 +286,7 @@ plt.show()
 # ```{listing} sdlab.samplers.DDIMSampler.step
 # ```
 #
-# Same model, same starting noise, 10 and 25 steps each:
+# Same model, same starting noise, `10` and `25` steps each:
 
 # %%
 names = ["ddpm", "ddim", "euler", "euler_a", "dpmpp_2m"]
@@ -290,21 +305,101 @@ plt.show()
 
 # %% [markdown]
 # To compare them with a number, measure how far each generated point lies from the nearest
-# point of the data (lower is better; the data's own noise is 0.03):
+# point of the data (lower is better; the data's own noise is the `0.03` of `spiral`):
 
 # %%
 reference_points = spiral(5000, torch.Generator().manual_seed(5))
+table = {}
 print("mean distance to the data   " + "".join(f"{name:>10s}" for name in names))
 for n_steps in (5, 10, 25, 100):
-    distances = [torch.cdist(sample(name, n_steps)[0], reference_points).min(1).values.mean().item() for name in names]
-    print(f"{n_steps:4d} steps                  " + "".join(f"{d:10.3f}" for d in distances))
+    table[n_steps] = {name: torch.cdist(sample(name, n_steps)[0], reference_points).min(1).values.mean().item()
+                      for name in names}
+    print(f"{n_steps:4d} steps                  " + "".join(f"{table[n_steps][name]:10.3f}" for name in names))
+for n_steps, row in table.items():
+    glue(f"toy_best_{n_steps}", min(row, key=row.get))
+    glue(f"toy_spread_{n_steps}", max(row.values()) - min(row.values()))
+    for name in ("ddpm", "ddim", "dpmpp_2m"):
+        glue(f"toy_{name}_{n_steps}", row[name])
+glue("toy_ddpm_vs_ddim_25", "lower" if table[25]["ddpm"] < table[25]["ddim"] else "higher")
 
 # %% [markdown]
-# With 5 or 10 steps every sampler is still rough; the second-order DPM++ 2M is usually the
-# best at few steps because it reuses the previous prediction to correct its step. By 25 to 100
-# steps they all converge to what the model has learned, and the remaining error is the model's,
-# not the sampler's. This is why Stable Diffusion is usually run with 20-30 steps of DPM++ 2M or
-# Euler a rather than 1000 of DDPM.
+# On this toy the best sampler at `5` steps is {glue:text}`toy_best_5`, at `10`
+# {glue:text}`toy_best_10` and at `25` {glue:text}`toy_best_25`; the spread between the samplers
+# shrinks from {glue:text}`toy_spread_5:.3f` at `5` steps to {glue:text}`toy_spread_100:.3f` at
+# `100`, where what is left is the model's error, not the sampler's. DDPM does not need hundreds of
+# steps here: at `25` its distance, {glue:text}`toy_ddpm_25:.3f`, is {glue:text}`toy_ddpm_vs_ddim_25`
+# than DDIM's {glue:text}`toy_ddim_25:.3f` — it is DDIM with fresh noise, as the next cell checks.
+#
+# ### DDPM on fewer steps is DDIM with $\eta = 1$
+#
+# DDIM's fresh noise has variance
+# $\eta^2 \frac{1 - \bar\alpha_{t'}}{1 - \bar\alpha_t}\bigl(1 - \bar\alpha_t / \bar\alpha_{t'}\bigr)$,
+# and with $\eta = 1$ that is DDPM's posterior variance $\tilde\beta_t$ for the jump $t \to t'$
+# (whose $\beta$ is $1 - \bar\alpha_t / \bar\alpha_{t'}$); the means agree too. Given the same
+# latents, the same noise prediction and generators in the same state, the two samplers' steps:
+
+# %% tags=["nbval-check-output"]
+for n_steps in (10, 25):
+    ddpm = make_sampler("ddpm", torch.Generator().manual_seed(3))
+    ddim = make_sampler("ddim", torch.Generator().manual_seed(3), eta=1.0)
+    ddpm.set_inference_timesteps(n_steps)
+    ddim.set_inference_timesteps(n_steps)
+    x = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(2000, 2, generator=torch.Generator().manual_seed(1))
+    gaps = [(ddpm.step(t, x, eps) - ddim.step(t, x, eps)).abs().max().item() for t in ddpm.timesteps]
+    print(f"{n_steps} steps: equal to 1e-5 on every step but the last: {max(gaps[:-1]) < 1e-5}; "
+          f"last step (t = {int(ddpm.timesteps[-1])}) differs: {gaps[-1] > 1e-2}")
+
+# %% [markdown]
+# Only the very last step differs: DDPM lands on $\bar\alpha = 1$ without noise, while SD's DDIM
+# configuration (`set_alpha_to_one=False`) stops at $\bar\alpha_0$ and still adds its $\eta$-scaled
+# noise.
+#
+# ### Guidance and the solver's order at few steps
+#
+# The second-order DPM++ 2M corrects its step with the previous step's $\hat x_0$. With strong
+# classifier-free guidance (chapter 6) the guided $\hat x_0$ changes a lot from step to step, and
+# at few steps that correction can overshoot. The tiny model of chapter 7 and its analyzer measure
+# it: the fraction of held-out prompts whose every attribute is right, at `10` steps, for the
+# second-order DPM++ 2M and the first-order DDIM and Euler, at two guidance scales.
+
+# %%
+from sdlab import model_loader
+from sdlab.tiny.analyzer import evaluate
+from sdlab.tiny.data import heldout_prompts
+from sdlab.tiny.evaluate import generate_batch
+
+tiny = model_loader.preload_models_from_standard_weights()
+prompts, seeds = heldout_prompts(32, seed=0), list(range(1000, 1032))  # as chapter 8
+right = {}
+for cfg in (2.0, 5.0):
+    for name in ("dpmpp_2m", "ddim", "euler"):
+        right[name, cfg] = evaluate(prompts, generate_batch(tiny, prompts, seeds, name, 10, cfg_scale=cfg))["all"]
+right["dpmpp_2m", 5.0, 20] = evaluate(prompts, generate_batch(tiny, prompts, seeds, "dpmpp_2m", 20, cfg_scale=5.0))["all"]
+print(f"{len(prompts)} held-out prompts, 10 steps   CFG 2   CFG 5")
+for name in ("dpmpp_2m", "ddim", "euler"):
+    print(f"{name:28s} {right[name, 2.0]:6.0%} {right[name, 5.0]:7.0%}")
+print(f"dpmpp_2m, 20 steps, CFG 5: {right['dpmpp_2m', 5.0, 20]:.0%}")
+glue("order_prompts", len(prompts))
+for (name, cfg, *steps), value in right.items():
+    glue(f"order_{name}_{cfg:g}" + (f"_{steps[0]}" if steps else ""), value)
+glue("order_first_beats_second", "better" if min(right["ddim", 5.0], right["euler", 5.0]) > right["dpmpp_2m", 5.0] else "no better")
+glue("order_cfg_helps", "rises" if right["dpmpp_2m", 2.0] > right["dpmpp_2m", 5.0] else "does not rise")
+
+# %% [markdown]
+# :::{admonition} The tiny model, not SD1.5
+# :class: note
+# These numbers are the tiny model's. At `10` steps and CFG `5`, DPM++ 2M gets
+# {glue:text}`order_dpmpp_2m_5:.0%` of the {glue:text}`order_prompts` prompts fully right, and the
+# first-order samplers do {glue:text}`order_first_beats_second` (DDIM {glue:text}`order_ddim_5:.0%`,
+# Euler {glue:text}`order_euler_5:.0%`); lowering the guidance to `2`, DPM++ 2M's score
+# {glue:text}`order_cfg_helps` to {glue:text}`order_dpmpp_2m_2:.0%`, and with `20` steps at CFG `5`
+# it reaches {glue:text}`order_dpmpp_2m_5_20:.0%`. So the few-step failure is the second-order
+# correction under strong guidance, not the model: with a small guidance scale, more steps, or a
+# first-order step, it goes away. On SD1.5, DPM++ 2M at about twenty steps and CFG `7.5` is the
+# usual choice; at very few steps and high guidance the same overshoot is why first-order or
+# "lower order final" variants exist.
+# :::
 #
 # The noise levels each sampler visits:
 
@@ -325,17 +420,22 @@ print({name: len(make_sampler(name).timesteps) for name in ("ddpm", "ddim", "eul
 # ## Summary
 #
 # * Forward process: $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1 - \bar\alpha_t}\,\epsilon$; the
-#   schedule $\beta_t$ fixes how fast the signal fades (SD: scaled linear, $\bar\alpha_{999} = 0.005$).
+#   schedule $\beta_t$ fixes how fast the signal fades (SD: scaled linear, $\bar\alpha_{999}$ =
+#   {glue:text}`sd_final_alpha_bar:.4f`).
 # * The network predicts $\epsilon$; from it, $\hat x_0$; a sampler turns $\hat x_0$ and $x_t$ into
 #   a less noisy $x_{t'}$.
-# * DDPM needs hundreds of steps; DDIM, Euler and DPM++ 2M give good samples in 10-25.
+# * DDPM on a reduced schedule is DDIM with $\eta = 1$; on the toy every sampler is within
+#   {glue:text}`toy_spread_25:.3f` of the others by `25` steps.
+# * At few steps a second-order solver under strong guidance can overshoot: on the tiny model
+#   DPM++ 2M at `10` steps gets {glue:text}`order_dpmpp_2m_5:.0%` right at CFG `5`,
+#   {glue:text}`order_dpmpp_2m_2:.0%` at CFG `2`.
 # * Every `sdlab` sampler runs the same loop: `scale_model_input`, model, `step`.
 #
 # ## Exercises
 #
 # 1. Train the toy model with the DDPM linear schedule (`DDPMSampler(beta_schedule="linear",
-#    beta_start=1e-4, beta_end=0.02)`). Does sampling get better or worse at 25 steps?
+#    beta_start=1e-4, beta_end=0.02)`). Does sampling get better or worse at `25` steps?
 # 2. Plot $\hat x_0$ (not $x_t$) at each DDPM step. When does the spiral "appear"?
 # 3. Run DDIM with `eta=1.0` (`make_sampler("ddim", g, eta=1.0)`) and compare it with DDPM.
 # 4. Measure the quality of the samples: the mean distance from each generated point to the
-#    nearest data point, for each sampler and 5, 10, 25, 50 steps. Plot it.
+#    nearest data point, for each sampler and `5`, `10`, `25`, `50` steps. Plot it.

@@ -16,6 +16,16 @@
 # then with `sdlab.pipeline.generate`, and then takes the process apart: the guidance scale,
 # image-to-image, inpainting, where each word of the prompt lands, and what the model believes the
 # final image to be at every step.
+#
+# :::{admonition} This chapter
+# **You will learn** how `generate` composes its four stages, what the guidance scale does,
+# image-to-image and inpainting (and their limits), cross-attention maps, and the clean image
+# $\hat x_0$ every sampler implies at every step.
+#
+# **You need** chapters 2–5.
+#
+# {chapter-time}
+# :::
 
 # %% tags=["hide-input"]
 # book-setup: tools/setup_cell.py goes here when the notebook is built
@@ -27,11 +37,13 @@
 # SD1.5 checkpoint (or you set `DOWNLOAD = True` in Colab, which fetches it with
 # `huggingface_hub`), the pictures are 512×512 images from Stable Diffusion 1.5. Otherwise they
 # come from the **tiny Stable Diffusion** bundled with `sdlab`, trained in chapter 7 on 64×64
-# pictures of coloured shapes: the same classes and the same code, with 1/1000 of the parameters.
+# pictures of coloured shapes: the same classes and the same code, with about
+# {glue:text}`tiny_fraction` of SD1.5's parameters ({glue:text}`tiny_parameters` million against
+# {glue:text}`sd15_parameters` million, counted below).
 
 # %%
 import os
-from sdlab import model_loader, pipeline
+from sdlab import config, model_loader, pipeline
 from sdlab.tokenizer import load_tokenizer
 
 DOWNLOAD = False  # in Colab: set to True to download the 4 GB SD1.5 checkpoint (needs network)
@@ -60,6 +72,13 @@ tokenizer = load_tokenizer()
 PROMPT = "a photograph of an astronaut riding a horse" if REAL else "a large red circle to the left of a small blue square"
 print(f"pictures in this chapter: {MODEL}, {SIZE}x{SIZE}, {STEPS} steps")
 print(model_loader.describe(models))
+with torch.device("meta"):  # shapes only, no memory
+    counts = {name: sum(p.numel() for m in model_loader.build_models(config).values() for p in m.parameters())
+              for name, config in (("tiny", config.TINY), ("SD1.5", config.SD15))}
+print(f"the tiny model has {counts['tiny']:,} parameters, SD1.5 {counts['SD1.5']:,}: 1/{counts['SD1.5'] / counts['tiny']:.0f}")
+glue("tiny_parameters", f"{counts['tiny'] / 1e6:.2f}")
+glue("sd15_parameters", f"{counts['SD1.5'] / 1e6:,.0f}")
+glue("tiny_fraction", f"1/{counts['SD1.5'] / counts['tiny']:.0f}")
 
 # %% [markdown]
 # ## The four steps, by hand
@@ -79,7 +98,7 @@ with torch.no_grad():
 print("context (prompt, empty prompt):", tuple(context.shape))
 
 # %% [markdown]
-# **2. Start from noise** in latent space, 1/8 of the image size, drawn from a seeded CPU
+# **2. Start from noise** in latent space, an eighth of the image's height and width, drawn from a seeded CPU
 # generator (so the same seed gives the same noise on every device). The same stage starts
 # image-to-image and inpainting, further down:
 #
@@ -90,7 +109,7 @@ print("context (prompt, empty prompt):", tuple(context.shape))
 # guidance* the U-Net runs on a batch of two, with and without the prompt, and the guided noise
 # prediction extrapolates from the unconditioned one towards the conditioned one:
 #
-# $$\hat\varepsilon = \varepsilon_\theta(z_t, t, \varnothing) + s\,\bigl(\varepsilon_\theta(z_t, t, c) - \varepsilon_\theta(z_t, t, \varnothing)\bigr)$$
+# $$\hat\epsilon = \epsilon_\theta(x_t, t, \varnothing) + s\,\bigl(\epsilon_\theta(x_t, t, c) - \epsilon_\theta(x_t, t, \varnothing)\bigr)$$
 #
 # ```{listing} sdlab.pipeline.classifier_free_guidance
 # ```
@@ -106,7 +125,7 @@ print("context (prompt, empty prompt):", tuple(context.shape))
 # ```{listing} sdlab.pipeline.denoise
 # ```
 #
-# **4. Decode** the final latents with the VAE decoder (chapter 3), and map $[-1, 1]$ to 8-bit
+# **4. Decode** the final latents with the VAE decoder (chapter 3), and map $[-1, 1]$ to `uint8`
 # pixels with `pipeline.to_uint8`:
 #
 # ```{listing} sdlab.pipeline.decode
@@ -149,8 +168,8 @@ print("image", generated.shape, generated.dtype, "| identical to the stages by h
 # %% [markdown]
 # ## Classifier-free guidance
 #
-# Every picture from here on is the same four stages with other settings; `start` is stage 2
-# with a fresh seeded sampler, and `make_image` runs the rest:
+# Every picture from here on is the same four stages with other settings; `start` is stage
+# two # with a fresh seeded sampler, and `make_image` runs the rest:
 
 # %%
 def start(seed, sampler_name="ddim", image=None, strength=1.0, pixel_mask=None):
@@ -216,8 +235,8 @@ widgets.interact(cfg_explorer,
 #
 # Instead of pure noise, start from an existing image: encode it (chapter 3), noise it to the
 # timestep a fraction `strength` of the way up the schedule, and denoise from there with a new
-# prompt (`prepare_latents` with an `image`). Low strength keeps the layout, high strength keeps
-# little more than the colours.
+# prompt (`prepare_latents` with an `image`). The lower the strength, the fewer steps are left
+# to change the picture. Below each picture the analyzer of chapter 7 says what the tiny model drew.
 
 # %%
 from sdlab.tiny import data as shapes  # the Shapes dataset of chapter 7
@@ -246,7 +265,25 @@ for ax in axes:
     ax.axis("off")
 fig.suptitle(f"“{NEW_PROMPT}” ({MODEL})", fontsize=9)
 plt.show()
+if not REAL:  # the tiny model's pictures can be read back (chapter 7's analyzer)
+    from sdlab.tiny.analyzer import describe
 
+    read_back = {s: describe(img2img[s]) or "nothing recognisable" for s in strengths}
+    for s, text in read_back.items():
+        print(f"strength {s:g}: {text}")
+    glue("img2img_lowest", f"{strengths[0]:g}")
+    glue("img2img_lowest_reads", read_back[strengths[0]])
+    glue("img2img_input", describe(start_image))
+
+# %% [markdown]
+# :::{admonition} The tiny model, at guidance scale `7.5`
+# :class: note
+# The analyzer reads the input as "{glue:text}`img2img_input`" and the picture at the lowest
+# strength shown, {glue:text}`img2img_lowest`, as "{glue:text}`img2img_lowest_reads`". The tiny
+# model was trained on nothing but whole scenes drawn from captions, and strong guidance pulls
+# every step towards the new prompt, so even a few steps can replace the shape and colour; SD1.5,
+# run on photographs, is where low strength is used to keep a composition.
+# :::
 
 # %%
 def strength_explorer(strength=0.6):
@@ -260,9 +297,12 @@ widgets.interact(strength_explorer,
 #
 # To repaint only part of an image with a model that was not trained for it, run the usual loop
 # and, after every step, put back the *known* region: the original latents, noised to the next
-# timestep. Only the masked region is generated, and it is generated to fit what surrounds it.
+# timestep. Only the masked region is generated. The model never sees the mask, only latents
+# whose known half is re-imposed, so nothing makes it continue what the mask cut: the analyzer
+# says below how many pictures follow the prompt.
 # `denoise` does this when `prepare_latents` is given a mask (SD1.5 also has a dedicated inpainting
-# U-Net with 9 input channels, `sdlab.config.SD15_INPAINTING`, which sees the mask instead):
+# U-Net with extra input channels for the mask and the masked image, `sdlab.config.SD15_INPAINTING`,
+# which sees the mask instead):
 #
 # ```{listing} sdlab.pipeline.keep_known_region
 # ```
@@ -287,12 +327,30 @@ for ax in axes:
     ax.axis("off")
 fig.suptitle(f"“{INPAINT_PROMPT}” ({MODEL})", fontsize=9)
 plt.show()
+if not REAL:
+    from sdlab.tiny.analyzer import score
+
+    followed = sum(score(INPAINT_PROMPT, picture)["all"] == 1 for picture in inpainted)
+    print(f"pictures whose every attribute matches the prompt: {followed} of {len(inpainted)}")
+    for picture in inpainted:
+        print("  read back:", describe(picture) or "nothing recognisable")
+    glue("inpaint_followed", followed)
+    glue("inpaint_pictures", len(inpainted))
+
+# %% [markdown]
+# :::{admonition} The tiny model
+# :class: note
+# The analyzer finds the whole prompt in {glue:text}`inpaint_followed` of the
+# {glue:text}`inpaint_pictures` inpainted pictures. The kept half is exactly the input's, but
+# nothing makes the new half continue the triangle the mask cut: a model that sees the mask (the
+# inpainting checkpoint) is what fits the edit to its surroundings.
+# :::
 
 # %% [markdown]
 # ## Where each word lands: cross-attention maps
 #
 # Every cross-attention layer of the U-Net gives, for every latent pixel, a distribution over
-# the 77 tokens (chapter 1). Keeping those weights (`store_attention = True`), averaging them
+# the $77$ tokens (chapter 1). Keeping those weights (`store_attention = True`), averaging them
 # over heads, layers and steps and reading one token's column gives a map of where that word
 # acts on the image.
 
@@ -339,17 +397,21 @@ print(f"{len(crosses)} cross-attention layers, maps summed over {STEPS} steps")
 # ## What the model believes at each step
 #
 # At every step the noise prediction gives an estimate of the clean latents. For a sampler whose
-# latents are $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1 - \bar\alpha_t}\,\varepsilon$ (DDPM, DDIM,
+# latents are $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1 - \bar\alpha_t}\,\epsilon$ (DDPM, DDIM,
 # DPM++ with $\bar\alpha = 1/(\sigma^2 + 1)$) it is
-# $\hat x_0 = (x_t - \sqrt{1 - \bar\alpha_t}\,\hat\varepsilon) / \sqrt{\bar\alpha_t}$; the Euler samplers
-# keep $\tilde x = x_0 + \sigma\varepsilon$ instead, so for them $\hat x_0 = \tilde x - \sigma\hat\varepsilon$.
-# Every sampler's `step` computes it with the same function:
+# $\hat x_0 = (x_t - \sqrt{1 - \bar\alpha_t}\,\hat\epsilon) / \sqrt{\bar\alpha_t}$; the Euler samplers
+# keep $\tilde x = x_0 + \sigma\epsilon$ instead, so for them $\hat x_0 = \tilde x - \sigma\hat\epsilon$.
+# Every sampler's `step` computes it with the same function, from the two factors of its own
+# latents, `sample` $= a\,x_0 + b\,\epsilon$:
 #
 # ```{listing} sdlab.schedule.predict_x0
 # ```
 #
-# `denoise` calls its `callback` after every step with the new latents and the guided noise
-# prediction of the step; keeping the latents each step started from gives $\hat x_0$. Decoding it
+# Each sampler's `add_noise` *is* its convention: `add_noise(1, t, 0)` is $a$ and
+# `add_noise(0, t, 1)` is $b$ at timestep $t$. So `estimate_x0` below asks the sampler for its two
+# factors instead of guessing them from its class, and is right for every sampler, including one
+# written later. `denoise` calls its `callback` after every step with the new latents and the
+# guided noise prediction of the step; keeping the latents each step started from gives $\hat x_0$. Decoding it
 # shows what the model currently "sees": the layout is decided in the first few steps, the details
 # last. The animation is plain JavaScript and plays in the rendered book.
 
@@ -358,20 +420,14 @@ import re
 
 from IPython.display import HTML
 from matplotlib import animation
-from sdlab.samplers import EulerSampler
 from sdlab.schedule import predict_x0
 
-def estimate_x0(sampler, i, t, latents, eps):
-    """The sampler's own x̂₀ at step `i` (timestep `t`) from the latents that step started from."""
-    if sampler.sigmas is None:  # DDPM, DDIM: x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε
-        alpha_bar = sampler.alphas_cumprod[int(t)]
-        alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-    elif isinstance(sampler, EulerSampler):  # Euler, Euler a: x̃ = x0 + σ ε
-        alpha, sigma = 1.0, sampler.sigmas[i]
-    else:  # DPM++ 2M: x_t, with ᾱ = 1 / (σ² + 1)
-        alpha = 1 / (sampler.sigmas[i] ** 2 + 1) ** 0.5
-        sigma = sampler.sigmas[i] * alpha
-    return predict_x0(eps, latents, alpha, sigma, sampler.prediction_type)
+def estimate_x0(sampler, t, latents, eps):
+    """The sampler's own x̂₀ at timestep `t` from the latents that step started from: its
+    `add_noise` gives the factors a, b of its latents a·x0 + b·ε."""
+    one, zero = torch.ones(1), torch.zeros(1)
+    a, b = sampler.add_noise(one, t, zero), sampler.add_noise(zero, t, one)
+    return predict_x0(eps, latents, a.to(latents.device), b.to(latents.device), sampler.prediction_type)
 
 def believed_images(context, seed, sampler_name="ddim"):
     """The final picture and (timestep, decoded x̂₀) after every step."""
@@ -379,7 +435,7 @@ def believed_images(context, seed, sampler_name="ddim"):
     stepped_from, predictions = [latents], []
 
     def record_x0(i, t, latents, eps):  # called by denoise after step i
-        predictions.append((float(t), decode(estimate_x0(sampler, i, t, stepped_from[-1], eps))))
+        predictions.append((float(t), decode(estimate_x0(sampler, t, stepped_from[-1], eps))))
         stepped_from.append(latents)
 
     final = decode(pipeline.denoise(diffusion, sampler, latents, context, 7.5, callback=record_x0))
@@ -412,6 +468,39 @@ for ax, k in zip(axes, picks):
     ax.set_title(f"x̂₀ at t = {predictions[k][0]:.0f}", fontsize=9)
     ax.axis("off")
 plt.show()
+
+# %% [markdown]
+# **Check:** `estimate_x0` is each sampler's own $\hat x_0$. While a step runs, every sampler calls
+# `predict_x0`; listening to those calls (`unittest.mock`, for this check only) gives the
+# $\hat x_0$ the step itself used, to compare with what the callback computed:
+
+# %% tags=["nbval-check-output"]
+from unittest import mock
+
+import sdlab.ddpm
+import sdlab.samplers
+
+def x0_gap(sampler_name, steps=8):
+    """The largest difference between the step's own x̂₀ and `estimate_x0`, over a whole trajectory."""
+    sampler, latents, _ = start(1, sampler_name)
+    sampler.set_inference_timesteps(steps)
+    stepped_from, ours, own = [latents], [], []
+
+    def listen(*args, **kwargs):
+        own.append(predict_x0(*args, **kwargs))
+        return own[-1]
+
+    def record(i, t, new_latents, eps):
+        ours.append(estimate_x0(sampler, t, stepped_from[-1], eps))
+        stepped_from.append(new_latents)
+
+    with mock.patch.object(sdlab.samplers, "predict_x0", listen), mock.patch.object(sdlab.ddpm, "predict_x0", listen):
+        pipeline.denoise(diffusion, sampler, latents, context, 7.5, callback=record)
+    return max((a - b).abs().max().item() for a, b in zip(ours, own)), len(ours) == len(own) == steps
+
+for name in sdlab.samplers.sampler_names():
+    gap, every_step = x0_gap(name)
+    print(f"{name:16s} x̂₀ as the sampler's own step computes it: {gap < 1e-4} (on every step: {every_step})")
 
 # %% [markdown]
 # ## Summary

@@ -11,11 +11,22 @@
 # %% [markdown]
 # # 7. Train your own tiny Stable Diffusion
 #
-# Stable Diffusion 1.5 was trained on billions of captioned images for 150,000 GPU-hours. The
+# Stable Diffusion 1.5 was trained on billions of captioned images on a cluster of GPUs. The
 # *same* code can be trained on a laptop CPU if the world is made small: 64×64 pictures of
 # coloured shapes whose captions describe them completely. This chapter shows the data, runs a
 # short training live, and then uses the weights that ship with `sdlab`, trained the same way for
 # longer (`python -m sdlab train`).
+#
+# :::{admonition} This chapter
+# **You will learn** how a captioned data set and two training stages (the VAE, then the text
+# encoder and U-Net) make a text-to-image model, what the training loss is — the DDPM noise loss,
+# weighted by Min-SNR, with an average of the weights (EMA) kept — and how to measure prompt
+# following.
+#
+# **You need** chapters 2–6.
+#
+# {chapter-time}
+# :::
 
 # %% tags=["hide-input"]
 # book-setup: tools/setup_cell.py goes here when the notebook is built
@@ -27,7 +38,8 @@
 # ```
 #
 # Each image holds one or two objects; each object has a shape (circle, square, triangle), a
-# colour (6), a size (2) and a position on a 3×3 grid, and two objects are related by
+# colour (one of {glue:text}`n_colours`), a size (one of {glue:text}`n_sizes`) and a position on a
+# 3×3 grid, and two objects are related by
 # *left of / right of / above / below*. A few *combinations* never appear in training (the
 # held-out split), although each attribute does: generating them tests whether the model
 # composes what it learned.
@@ -48,6 +60,8 @@ plt.show()
 
 # %% tags=["nbval-check-output"]
 print(len(shapes.sample_scenes(2000, seed=0, split="train")), "training scenes drawn, for example:")
+glue("n_colours", len(shapes.COLOURS))
+glue("n_sizes", len(shapes.SIZES))
 for scene in shapes.sample_scenes(3, seed=1, split="train"):
     print("  ", shapes.caption(scene))
 print("held-out prompts, for example:")
@@ -57,9 +71,11 @@ for prompt in shapes.heldout_prompts(3, seed=0):
 # %% [markdown]
 # ## The tiny model
 #
-# The same classes as SD1.5, with small sizes: a 2-layer CLIP of width 64 (with the real
-# tokenizer and vocabulary), a VAE that still down-samples 8× into 4 latent channels (64×64
-# images → 8×8×4 latents), and a 3-level U-Net with attention at every level.
+# The same classes as SD1.5, with small sizes: a CLIP of {glue:text}`tiny_clip_layers` layers
+# and width {glue:text}`tiny_clip_width` (with the real tokenizer and vocabulary), a VAE that
+# still down-samples {glue:text}`tiny_downscale`× into {glue:text}`tiny_latent_channels` latent
+# channels (64×64 images → 8×8×4 latents), and a U-Net of {glue:text}`tiny_unet_levels` levels with
+# attention at every level: {glue:text}`tiny_fraction` of SD1.5's parameters.
 #
 # ```{listing} sdlab.config.TINY
 # ```
@@ -70,17 +86,49 @@ from sdlab.config import TINY
 
 print(model_loader.describe(model_loader.build_models(TINY)))
 
+# %%
+from sdlab.config import SD15
+
+with torch.device("meta"):  # shapes only
+    sizes = {name: sum(p.numel() for m in model_loader.build_models(config).values() for p in m.parameters())
+             for name, config in (("tiny", TINY), ("SD1.5", SD15))}
+print(f"tiny {sizes['tiny']:,} parameters, SD1.5 {sizes['SD1.5']:,}: 1/{sizes['SD1.5'] / sizes['tiny']:.0f}")
+glue("tiny_fraction", f"1/{sizes['SD1.5'] / sizes['tiny']:.0f}")
+glue("tiny_clip_layers", TINY.clip.n_layer)
+glue("tiny_clip_width", TINY.clip.n_embd)
+glue("tiny_downscale", 2 ** (len(TINY.vae.channel_mult) - 1))
+glue("tiny_latent_channels", TINY.vae.latent_channels)
+glue("tiny_unet_levels", len(TINY.unet.channel_mult))
+glue("sd15_scale", SD15.vae.scale_factor)
+
 # %% [markdown]
 # ## A short training run, live
 #
 # Training has two stages, as for the real model. First the **VAE** learns to reconstruct the
 # images (with a KL term so light that the latents stay nearly deterministic: a heavier one let
-# the posterior noise blur small circles into squares); its latent scale factor is then measured, as 0.18215 was for
-# SD. Then the **text encoder and the U-Net** learn together to predict the noise added to the
-# latents, with 10 % of the captions dropped to the empty prompt so that the same network also
-# learns the unconditional prediction that classifier-free guidance needs:
+# the posterior noise blur small circles into squares); its latent scale factor is then measured,
+# as SD's {glue:text}`sd15_scale` was. Then the **text encoder and the U-Net** learn together to
+# predict the noise added to the latents, with {glue:text}`caption_dropout:.0%` of the captions
+# dropped to the empty prompt so that the same network also learns the unconditional prediction
+# that classifier-free guidance needs. (SD1.5 did not train its text encoder: it kept OpenAI's
+# CLIP frozen, chapter 2. The tiny model has no pretrained encoder to borrow, so it learns one.)
+#
+# The loss is DDPM's "simple" loss, $\lVert \epsilon - \epsilon_\theta(x_t, t, c) \rVert^2$ at a random
+# $t$, with two changes from the plain version:
+#
+# * **Min-SNR weighting** ([Hang et al. 2023](https://arxiv.org/abs/2303.09556)): each sample's loss
+#   is multiplied by $\min(\operatorname{SNR}(t), \gamma) / \operatorname{SNR}(t)$ with
+#   $\gamma$ = {glue:text}`min_snr:g`, so the low-noise (high-SNR) timesteps, whose gradients
+#   pull against the others', weigh less: the paper finds training converges faster;
+# * **EMA**: an exponential moving average of the weights (decay {glue:text}`ema_decay:g`) is kept
+#   beside the trained ones and is what ships; it smooths out the last steps' noise.
+#
+# SD1.5's own training used the plain loss; EMA weights are what `v1-5-pruned-emaonly` holds.
 #
 # ```{listing} sdlab.tiny.train.diffusion_loss
+# ```
+#
+# ```{listing} sdlab.tiny.train.EMA
 # ```
 #
 # A few dozen steps of each stage run in seconds here: enough to see the losses fall, far from
@@ -89,7 +137,12 @@ print(model_loader.describe(model_loader.build_models(TINY)))
 # %%
 import time
 import warnings
-from sdlab.tiny.train import train
+from sdlab.tiny.train import TrainSettings, train
+
+defaults = TrainSettings()
+glue("caption_dropout", defaults.caption_dropout)
+glue("min_snr", defaults.min_snr)
+glue("ema_decay", defaults.ema_decay)
 
 torch.set_num_threads(1)  # the tiny model: one thread is faster and steadier than two
 start = time.perf_counter()
@@ -143,7 +196,7 @@ else:
 # %% [markdown]
 # ## How well it follows prompts
 #
-# `python -m sdlab evaluate` generates one image for each of 200 held-out prompts (every one uses
+# `python -m sdlab evaluate` generates one image for each of {glue:text}`report_prompts` held-out prompts (every one uses
 # a combination never seen in training), reads each back with the analyzer and reports the
 # fraction right per attribute, for several samplers and step counts, plus the same on prompts
 # like the training ones. The figures of the shipped model, from `sdlab/data/tiny_report.json`:
@@ -158,6 +211,7 @@ for split in ("heldout", "train_split"):
         print(f"{split.replace('_split', ''):10s} {row['sampler']:16s} {row['steps']:5d}"
               + "".join(f"{row[k]:9.1%}" for k in ("colour", "shape", "size", "position", "relation", "all")))
 training = report["training"]
+glue("report_prompts", report["n_prompts"])
 print(f"\nVAE reconstruction PSNR {report['vae_psnr_db']} dB; one 64x64 image in {report['seconds_per_64px_image']} s;"
       f" trained in {training['total_seconds'] / 60:.0f} min on {training['settings']['threads']} CPU threads")
 
@@ -166,17 +220,18 @@ print(f"\nVAE reconstruction PSNR {report['vae_psnr_db']} dB; one 64x64 image in
 #
 # * A captioned synthetic data set small enough for a CPU, whose captions can be checked by
 #   reading the pictures back.
-# * The same classes as SD1.5, 1/1000 of the size; two training stages: the VAE, then CLIP and
-#   the U-Net together on the DDPM loss, with caption dropout for classifier-free guidance.
+# * The same classes as SD1.5, {glue:text}`tiny_fraction` of the size; two training stages: the
+#   VAE, then CLIP and the U-Net together on the Min-SNR-weighted DDPM loss, with caption dropout
+#   for classifier-free guidance and an EMA of the weights (SD1.5 kept its CLIP frozen).
 # * The trained weights load through the same loader as the real checkpoint and run through the
 #   same pipeline as in chapter 6.
 #
 # ## Exercises
 #
 # 1. Train without caption dropout (`caption_dropout=0`). What happens to the pictures at CFG
-#    scale 5, and why?
+#    scale `5`, and why?
 # 2. Plot the U-Net loss per timestep bucket. Which timesteps are hardest to predict?
-# 3. Use the analyzer to measure accuracy per attribute on 50 held-out prompts. Which attribute
+# 3. Use the analyzer to measure accuracy per attribute on `50` held-out prompts. Which attribute
 #    generalises worst?
-# 4. Make the VAE down-sample 4× instead of 8× (`channel_mult=(1, 2, 4)`). What does it cost
+# 4. Make the VAE down-sample $4\times$ instead of $8\times$ (`channel_mult=(1, 2, 4)`). What does it cost
 #    in U-Net time, and what does it buy in reconstruction quality?

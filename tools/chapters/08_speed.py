@@ -12,14 +12,24 @@
 # # 8. Fast and lean
 #
 # The chapters so far wrote every formula out, because that is how one learns it. This chapter
-# asks what it costs. A 512×512 image is 20-50 U-Net evaluations on a batch of two (classifier-free
-# guidance), plus one VAE decode; each choice below changes that cost, and none of them may change
+# asks what it costs. A 512×512 image is one U-Net evaluation per sampler step on a batch of two
+# (classifier-free guidance), plus one VAE decode; each choice below changes that cost, and none of them may change
 # the picture by more than the precision it trades. We measure each choice on **SD1.5-size layers**
 # (random weights: the speed of a layer does not depend on its values), then on the **tiny model**,
 # and end with whole 512×512 images against `diffusers` from `python -m sdlab bench`.
 #
-# Timings are the best of a few runs on the machine that executed this notebook (2 CPU cores for
-# the rendered book); rerun the cells on yours.
+# Timings are the best of a few runs on the machine that executed this notebook
+# ({glue:text}`threads` threads for the rendered book); rerun the cells on yours.
+#
+# :::{admonition} This chapter
+# **You will learn** where a U-Net step's arithmetic goes, what fused attention, bf16 autocast,
+# memory layout and packed weights each save on a CPU, how few sampler steps are enough, and how
+# sdlab compares with diffusers on whole images.
+#
+# **You need** chapters 1, 4 and 5 (chapter 7's tiny model for the sampler sweep).
+#
+# {chapter-time}
+# :::
 
 # %% tags=["hide-input"]
 # book-setup: tools/setup_cell.py goes here when the notebook is built
@@ -30,6 +40,7 @@ import time
 
 torch.set_num_threads(os.cpu_count())  # SD1.5-size layers: every core the machine has
 print("threads:", torch.get_num_threads())
+glue("threads", torch.get_num_threads())
 
 def best_time(fn, repeat=3):
     fn()  # warm-up (first calls allocate and pick kernels)
@@ -69,25 +80,32 @@ total = counter.get_total_flops()
 print(f"one U-Net step at 512x512 with CFG (batch 2): {total / 1e12:.2f} TFLOP")
 for name, flops in kinds.items():
     print(f"  {name:24s} {flops / 1e12:.3f} TFLOP ({flops / total:.0%})")
+    glue(f"flop_share_{name.split()[0]}", flops / total)
+glue("unet_tflop", total / 1e12)
+conv_weights = sum(m.weight.numel() * 4 for m in unet.modules() if isinstance(m, torch.nn.Conv2d))  # fp32 bytes
+print(f"the U-Net's convolution weights: {conv_weights / 1e9:.2f} GB in float32")
+glue("conv_weight_gb", conv_weights / 1e9)
 
 # %% [markdown]
 # Convolutions dominate, then the linear layers of the transformer blocks (projections and the
-# GEGLU feed-forward); attention's own products are a sixth. Two CPU cores do roughly 0.15-0.2
-# TFLOP/s in fp32, so one step takes about ten seconds whoever wrote the U-Net: the gains come from
-# doing the same arithmetic with fewer memory round-trips, in a cheaper number format, or fewer
-# times (fewer sampler steps).
+# GEGLU feed-forward); attention's own products are {glue:text}`flop_share_attention:.0%`. The
+# benchmark at the end of this chapter measured a float32 step in {glue:text}`bench_unet_fp32:.2f` s
+# on {glue:text}`bench_threads` CPU cores, sdlab's ({glue:text}`bench_unet_fp32_diffusers:.2f` s for
+# diffusers): {glue:text}`bench_tflops:.2f` TFLOP/s. Whoever wrote the U-Net, the arithmetic is
+# the same; the gains come from doing it with fewer memory round-trips, in a cheaper number format,
+# or fewer times (fewer sampler steps).
 #
 # ## Attention: the explicit formula against the fused kernel
 #
 # ```{listing} sdlab.attention.scaled_dot_product
 # ```
 #
-# At the U-Net's first level a latent image of 64×64 is a sequence of 4,096 pixels. The explicit
-# formula materialises the scores $QK^\top$: batch 2 × 8 heads × 4096 × 4096 floats, **1 GiB**
-# per self-attention layer. The fused kernel (`scaled_dot_product_attention`) computes the same
+# At the U-Net's first level a latent image of 64×64 is a sequence of $64^2 = 4096$ pixels. The
+# explicit formula materialises the scores $QK^\top$: $2 \times 8 \times 4096 \times 4096$ floats
+# (batch, heads, queries, keys), **{glue:text}`scores_gib_math:.2f` GiB** per self-attention layer. The fused kernel (`scaled_dot_product_attention`) computes the same
 # softmax in tiles that stay in cache (the online softmax of FlashAttention) and never stores the
-# matrix. The sliced backend is the explicit formula over 1,024 queries at a time: a quarter of
-# the memory, the same arithmetic.
+# matrix. The sliced backend is the explicit formula over `slice_size=1024` queries at a time:
+# {glue:text}`scores_gib_sliced:.2f` GiB, the same arithmetic.
 
 # %%
 from sdlab.attention import SelfAttention, attention_backend
@@ -102,6 +120,7 @@ with torch.no_grad():
             seconds[backend] = best_time(lambda: attention(x))
 scores_gib = {"math": 2 * 8 * 4096 * 4096 * 4 / 2**30, "sliced": 2 * 8 * 1024 * 4096 * 4 / 2**30, "sdpa": 0.0}
 for backend in seconds:
+    glue(f"scores_gib_{backend}", scores_gib[backend])
     print(f"{backend:7s} {seconds[backend]:.3f} s   scores alive at once: {scores_gib[backend]:.2f} GiB   "
           f"max |diff| vs math: {max_diff(outputs[backend], outputs['math']):.1e}")
 
@@ -111,9 +130,9 @@ for backend in seconds:
 #
 # ## bfloat16 autocast
 #
-# `bfloat16` keeps float32's 8-bit exponent and drops 16 bits of mantissa: no overflow, about
-# three significant digits. CPUs with AVX512-BF16 or AMX multiply bf16 matrices at twice the fp32
-# rate or more. Under `torch.autocast("cpu", dtype=torch.bfloat16)` the convolutions and matrix
+# `bfloat16` keeps float32's exponent (eight bits) and drops sixteen bits of mantissa: no overflow,
+# about three significant digits. CPUs with AVX512-BF16 or AMX multiply bf16 matrices faster than
+# fp32 (the cell measures by how much). Under `torch.autocast("cpu", dtype=torch.bfloat16)` the convolutions and matrix
 # products run in bf16 while normalisations and softmax stay in fp32; sdlab also keeps the U-Net's
 # first and last convolutions in fp32 (`full_precision`), since the last one sets the precision of
 # the noise prediction. One SD1.5 residual block and one transformer block at the 32×32 level:
@@ -170,7 +189,8 @@ print(f"residual block: contiguous {t_plain:.3f} s, channels_last {t_cl:.3f} s (
 # %% [markdown]
 # Layout conversions cost memory traffic, and so does one more thing the plain convolution does
 # at every call: oneDNN computes with the *weights* in a blocked layout too, and a plain
-# `nn.Conv2d` reorders its weight into it every time: 2.4 GB of copying per U-Net step.
+# `nn.Conv2d` reorders its weight into it every time: the U-Net's convolution weights, copied at
+# every step, are {glue:text}`conv_weight_gb:.2f` GB (counted with the FLOPs above).
 #
 # ## Packing the weights once
 #
@@ -206,14 +226,14 @@ print("weights given back bit for bit:", torch.equal(deep_block.conv_feature.wei
 # %% [markdown]
 # On the whole U-Net the gain is smaller than on this block (the 64×64 level's activations are
 # large next to its weights, and a fifth of the time goes to the attention products, which have no
-# weights to pack): see the benchmark below. Single-block timings on a shared machine vary by
-# ±10%; the benchmark alternates the two libraries to cancel that out.
+# weights to pack): see the benchmark below. Single-block timings on a shared machine vary from
+# run to run; the benchmark alternates the two libraries to cancel that out.
 #
 # ## Fewer steps: samplers on the tiny model
 #
 # The cheapest U-Net call is the one not made. The tiny model from chapter 7 and its analyzer
 # measure prompt following directly: the fraction of held-out prompts whose every attribute is
-# right, for three samplers and 5 to 20 steps.
+# right, for three samplers and `5`, `10` and `20` steps.
 
 # %%
 from sdlab import model_loader
@@ -240,18 +260,26 @@ ax.legend()
 plt.show()
 for (name, steps), (accuracy, seconds) in sweep.items():
     print(f"{name:9s} {steps:2d} steps: {accuracy:.0%} right, {seconds:.1f} s for 32 images")
+    glue(f"sweep_{name}_{steps}", accuracy)
+glue("sweep_prompts", len(prompts))
 
 # %% [markdown]
-# DDIM and Euler reach their plateau by 10 steps on this model; DPM++ 2M, usually the best choice
-# at few steps on SD1.5, needs 20 here (at 10 it mostly gets the colours wrong): the right number
-# of steps is a property of the model as well as of the sampler, so measure it. The full evaluation
-# (200 prompts, every sampler) is in `sdlab/data/tiny_report.json`.
+# :::{admonition} The tiny model at guidance scale `5`, not SD1.5
+# :class: note
+# At `10` steps DDIM gets {glue:text}`sweep_ddim_10:.0%` of the {glue:text}`sweep_prompts` prompts
+# fully right and Euler {glue:text}`sweep_euler_10:.0%`, but DPM++ 2M only
+# {glue:text}`sweep_dpmpp_2m_10:.0%` ({glue:text}`sweep_dpmpp_2m_20:.0%` at `20`). Chapter 5 shows
+# why: at few steps, DPM++ 2M's second-order correction overshoots under strong guidance, and a
+# lower guidance scale or a first-order step removes the failure. On SD1.5, DPM++ 2M is the usual
+# few-step choice at its usual guidance; measure the number of steps for your model and scale.
+# The full evaluation of the tiny model is `sdlab/data/tiny_report.json`.
+# :::
 #
 # ## Whole images against diffusers
 #
 # `python -m sdlab bench --ckpt FILE` loads the same SD1.5-layout file into sdlab and into
-# transformers/diffusers, times each component alternately (best of 3), then generates a whole
-# 512×512 image with DPM++ 2M, 20 steps, in a fresh process per library so that each peak memory
+# transformers/diffusers, times each component alternately (the best of a few runs), then
+# generates a whole 512×512 image with DPM++ 2M in a fresh process per library so that each peak memory
 # is its own. The figures below were recorded by that command on random weights in the real
 # file's layout (the speed does not depend on the weights):
 
@@ -269,6 +297,13 @@ for row in bench["components"]:
 print(f"\n{'whole 512x512 image':30s} {'seconds':>8s} {'ratio':>6s} {'load peak GB':>12s} {'peak GB':>8s}")
 for row in bench["image"]:
     print(f"{row['impl']:30s} {row['seconds']:8.1f} {row['ratio']:6.2f} {row['load_peak_rss_gb']:12.2f} {row['peak_rss_gb']:8.2f}")
+step = {row["impl"]: row["seconds"] for row in bench["components"] if row["component"].startswith("U-Net step")}
+glue("bench_unet_fp32", step["sdlab"])
+glue("bench_unet_fp32_diffusers", step["diffusers"])
+glue("bench_threads", bench["threads"])
+glue("bench_bf16_diff", next(float(row["max_diff"]) for row in bench["components"] if row["impl"] == "sdlab bf16"))
+glue("bench_tflops", total / step["sdlab"] / 1e12)
+print(f"U-Net step: sdlab {step['sdlab']:.2f} s, diffusers {step['diffusers']:.2f} s: {total / step['sdlab'] / 1e12:.2f} TFLOP/s")
 
 # %% [markdown]
 # ## Low memory
@@ -280,7 +315,7 @@ for row in bench["image"]:
 # `low_memory=True` turns on what the device needs. On the tiny model sliced attention gives the
 # same pixels. Tiled decoding does not: each tile's group norms and attention see only that tile,
 # and a 64×64 picture cut into tiles of 4×4 latents is mostly seams. On a 512×512 image with the
-# default tiles of 32×32 latents the difference is small (`tests/test_speed.py` bounds it):
+# default tiles of 32×32 latents the difference is small (`tests/test_speed.py` bounds it).
 
 # %%
 from sdlab import pipeline
@@ -303,21 +338,25 @@ print("tiled VAE decode: mean pixel difference", round(float(np.abs(tiled.astype
 # %% [markdown]
 # ## Summary
 #
-# * One SD1.5 U-Net step at 512×512 with CFG is 1.6 TFLOP: 55% convolutions, 29% linear layers,
-#   16% attention products. On a CPU, speed comes from doing that arithmetic with fewer memory
-#   round-trips (fused attention), in a cheaper format (bf16 where the CPU has it), or fewer
-#   times (10-20 steps of DPM++ 2M).
-# * Fused attention computes the explicit formula's result without the 1 GiB score matrix.
-# * Packing the weights once for oneDNN removes 2.4 GB of weight copying per U-Net step; it is the
-#   one CPU choice that makes sdlab's float32 step faster than diffusers'.
-# * bf16 autocast changes the noise prediction by about 1% of its scale; keep the last
-#   convolution in fp32 and use it only on CPUs with native bf16.
+# * One SD1.5 U-Net step at 512×512 with CFG is {glue:text}`unet_tflop:.2f` TFLOP:
+#   {glue:text}`flop_share_convolutions:.0%` convolutions, {glue:text}`flop_share_linear:.0%` linear
+#   layers, {glue:text}`flop_share_attention:.0%` attention products. On a CPU, speed comes from
+#   doing that arithmetic with fewer memory round-trips (fused attention), in a cheaper format
+#   (bf16 where the CPU has it), or fewer times (as few sampler steps as the model and the
+#   guidance scale allow: measure it).
+# * Fused attention computes the explicit formula's result without the
+#   {glue:text}`scores_gib_math:.2f` GiB score matrix.
+# * Packing the weights once for oneDNN removes the copying of {glue:text}`conv_weight_gb:.2f` GB
+#   of convolution weights per U-Net step; it is the one CPU choice that makes sdlab's float32
+#   step faster than diffusers'.
+# * bf16 autocast changes the noise prediction (of unit scale) by up to
+#   {glue:text}`bench_bf16_diff:.3f` in the benchmark; keep the last convolution in fp32 and use it only on CPUs with native bf16.
 # * `python -m sdlab bench` puts every number here next to `diffusers` on the same weights.
 #
 # ## Exercises
 #
-# 1. Time `attention_backend("sliced", n)` for n = 256, 1024, 4096 on the 4096-pixel attention.
-#    Why does the time hardly change while the memory falls 16×?
+# 1. Time `attention_backend("sliced", n)` for $n = 256, 1024, 4096$ on the $4096$-pixel attention.
+#    Why does the time hardly change while the memory falls with $n$?
 # 2. Count the FLOPs of the VAE decoder at 512×512 with `FlopCounterMode`. Why does a single
 #    decode take longer than a U-Net step although it is called once?
 # 3. Run the bf16 cell with `torch.float16` instead. What happens to the time on a CPU, and why?
