@@ -40,6 +40,8 @@ _setting = contextvars.ContextVar("sdlab_attention_backend", default=("sdpa", DE
 
 # what sees every attention call's queries and keys in this thread (sdlab.inspect's recorders); None: nothing
 _observer = contextvars.ContextVar("sdlab_attention_observer", default=None)
+# what may replace the attention probabilities in this thread (sdlab.edit's prompt-to-prompt); None: nothing
+_editor = contextvars.ContextVar("sdlab_attention_editor", default=None)
 
 
 @contextlib.contextmanager
@@ -52,6 +54,20 @@ def observe_attention(observer):
         yield
     finally:
         _observer.reset(token)
+
+
+@contextlib.contextmanager
+def edit_attention(editor):
+    r"""Inside the block (this thread only), every `SelfAttention` and `CrossAttention` call first asks
+    `editor(module, q, k, causal)` (queries and keys split into heads, (B, H, L, d_k)) for its
+    attention probabilities: None leaves the call as it is (any backend); a tensor $A'$ (B, H, Lq, Lk)
+    replaces $\operatorname{softmax}(QK^\top/\sqrt{d_k})$, and the output is $A' V$ (explicitly).
+    `attention_probabilities(q, k, causal)` gives the editor the unedited ones; `sdlab.edit` uses this."""
+    token = _editor.set(editor)
+    try:
+        yield
+    finally:
+        _editor.reset(token)
 
 
 def current_backend() -> tuple[str, int]:
@@ -88,13 +104,19 @@ def scaled_dot_product(q, k, v, causal: bool = False, return_weights: bool = Fal
     return _explicit(q, k, v, causal)
 
 
-def _explicit(q, k, v, causal: bool, first_query: int = 0):
-    """The formula itself, for queries `first_query`, `first_query + 1`, ... of the sequence."""
+def attention_probabilities(q, k, causal: bool = False, first_query: int = 0) -> torch.Tensor:
+    r"""$\operatorname{softmax}(QK^\top/\sqrt{d_k} + M)$ (B, H, Lq, Lk), for queries `first_query`,
+    `first_query + 1`, ... of the sequence; the softmax in float32, also under float16."""
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
     if causal:  # query i (at position first_query + i) sees keys <= first_query + i
         mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(first_query + 1)
         scores = scores.masked_fill(mask, float("-inf"))
-    weights = scores.float().softmax(dim=-1).to(q.dtype)  # softmax in fp32, also under fp16
+    return scores.float().softmax(dim=-1).to(q.dtype)
+
+
+def _explicit(q, k, v, causal: bool, first_query: int = 0):
+    """The formula itself, for queries `first_query`, `first_query + 1`, ... of the sequence."""
+    weights = attention_probabilities(q, k, causal, first_query)
     return weights @ v, weights
 
 
@@ -121,7 +143,12 @@ class _MultiHead(nn.Module):
             return t.view(batch, -1, self.n_heads, self.d_head).transpose(1, 2)
 
         q, k, v = heads(q), heads(k), heads(v)
-        out, weights = scaled_dot_product(q, k, v, causal, self.store_attention)
+        editor = _editor.get()  # sdlab.edit's prompt-to-prompt, in this thread; None: the usual path
+        weights = None if editor is None else editor(self, q, k, causal)
+        if weights is None:
+            out, weights = scaled_dot_product(q, k, v, causal, self.store_attention)
+        else:  # the editor's probabilities (B, H, Lq, Lk) replace the softmax
+            out = weights.to(v.dtype) @ v
         if self.store_attention:
             self.attention_weights = weights.detach()
         if (observer := _observer.get()) is not None:  # a recorder of sdlab.inspect is on in this thread

@@ -142,7 +142,9 @@ def test_notebook_runs_in_a_clean_folder_like_colab(colab_kernel, tmp_path, name
     nb = nbformat.read(path, as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
-    prefix, where, colab = json.loads(nb.cells[-1].outputs[-1].text.strip().split("\n")[-1])
+    # the kernel may send the printed line as more than one stream message
+    printed = "".join(o.text for o in nb.cells[-1].outputs if o.output_type == "stream" and o.name == "stdout")
+    prefix, where, colab = json.loads(printed.strip().splitlines()[-1])
     assert colab and Path(prefix) == colab_kernel, "the kernel was not the clean Colab stand-in"
     assert Path(where).is_relative_to(colab_kernel), f"sdlab came from {where}, not from the installed wheel"
     assert not Path(where).is_relative_to(ROOT)
