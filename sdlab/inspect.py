@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention import observe_attention
+from .attention import attention_probabilities, observe_attention
 from .errors import ArgumentError
 
 SELF_SLICE = 1024  # queries per slice when computing self-attention weights for the recording
@@ -154,10 +154,10 @@ class _Recorder:
     def _text(self, layer: int, q, k) -> None:
         if layer == 0:
             self.recording.text.append([])
-        self.recording.text[-1].append(_weights(q, k, causal=True).cpu())  # (n, H, L, L)
+        self.recording.text[-1].append(attention_probabilities(q, k, causal=True).cpu())  # (n, H, L, L)
 
     def _cross(self, block: str, q, k, side) -> None:
-        weights = _weights(q, k)[..., : self.tokens]  # (n, H, hw, T)
+        weights = attention_probabilities(q, k)[..., : self.tokens]  # (n, H, hw, T)
         if not self.per_head:
             weights = weights.mean(1, keepdim=True)  # (n, 1, hw, T), mean over heads
         # (n, H, hw, T) -> (n, H, T, hw) -> (n, H, T, h, w); without per_head (n, T, h, w)
@@ -168,7 +168,7 @@ class _Recorder:
         n, _, length, _ = q.shape
         total = torch.empty(n, length, k.shape[-2])  # (n, hw, hw)
         for start in range(0, length, SELF_SLICE):
-            total[:, start : start + SELF_SLICE] = _weights(q[:, :, start : start + SELF_SLICE], k).mean(1).cpu()
+            total[:, start : start + SELF_SLICE] = attention_probabilities(q[:, :, start : start + SELF_SLICE], k).mean(1).cpu()
         kept = self.recording.self_attention
         if self.self_per_step:
             kept[block] = torch.cat([kept[block], total[None]]) if block in kept else total[None]
@@ -183,14 +183,6 @@ def _block_name(module_name: str) -> str:
         return "mid"
     kind = "down" if "encoders" in parts else "up"
     return f"{kind}.{parts[parts.index('encoders' if kind == 'down' else 'decoders') + 1]}"
-
-
-def _weights(q: torch.Tensor, k: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    r"""$\operatorname{softmax}(QK^\top/\sqrt{d_k})$ in float32: (n, H, Lq, d) x (n, H, Lk, d) -> (n, H, Lq, Lk)."""
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if causal:
-        scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return scores.softmax(dim=-1)
 
 
 def _side(latent_size: tuple[int, int], length: int) -> tuple[int, int]:
