@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,12 +24,26 @@ from sdlab.reference import diffusers_conversions, empty_reference_models  # noq
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
+SD15_FILES_GB = 11  # float32 .safetensors 4.3 GB, the Lightning .ckpt 4.3 GB, fp16 2.1 GB
+
+
 @pytest.fixture(scope="session")
-def sd15_dir(tmp_path_factory) -> Path:
+def sd15_dir(tmp_path_factory):
+    """Where the random SD1.5 files live: `SDLAB_TEST_CACHE`, kept; or a session folder, deleted at the
+    end of the session whatever its outcome (pytest would keep it, 11 GB, for three sessions)."""
     cache = os.environ.get("SDLAB_TEST_CACHE")
     directory = Path(cache) if cache else tmp_path_factory.mktemp("sd15")
     directory.mkdir(parents=True, exist_ok=True)
-    return directory
+    missing = [name for name in ("random-v1-5.safetensors", "random-v1-5-lightning.ckpt",
+                                 "random-v1-5-fp16.safetensors") if not (directory / name).exists()]
+    free_gb = shutil.disk_usage(directory).free / 1e9
+    if missing and free_gb < SD15_FILES_GB + 2:
+        pytest.exit(f"the SD1.5-size tests write {SD15_FILES_GB} GB of random weights to {directory}, which "
+                    f"has {free_gb:.1f} GB free: free some space, or point SDLAB_TEST_CACHE (or TMPDIR) at a "
+                    "disk with room", returncode=2)
+    yield directory
+    if not cache:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
