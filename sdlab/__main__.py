@@ -4,6 +4,7 @@
     python -m sdlab inspect FILE     (what a checkpoint file holds, without building any model)
     python -m sdlab train ...        (the tiny model; see `python -m sdlab train --help`)
     python -m sdlab evaluate ...     (prompt following of the tiny model)
+    python -m sdlab finetune ...     (textual inversion and LoRA training on the tiny model)
     python -m sdlab bench --ckpt FILE [--quick]   (sdlab against diffusers, same weights)
 
 Options left out take the model's own settings (`--steps`, `--cfg`, `--sampler`, `--height`,
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", "-o", default="sdlab.png", help="where to write the PNG (a new file)")
     inspect = commands.add_parser("inspect", help="describe a checkpoint file without building any model")
     inspect.add_argument("file")
-    for name in ("train", "evaluate"):
+    for name in ("train", "evaluate", "finetune"):
         sub = commands.add_parser(name, help=f"{name} the tiny model", add_help=False)
         sub.add_argument("args", nargs=argparse.REMAINDER)
     sub = commands.add_parser("bench", help="time sdlab against diffusers on the same weights", add_help=False)
@@ -183,13 +184,13 @@ def main(argv=None) -> int:
         from . import bench
 
         return bench.main(argv[1:])
-    args = build_parser().parse_args(argv[:1] if argv[:1] in (["train"], ["evaluate"]) else argv)
+    args = build_parser().parse_args(argv[:1] if argv[:1] in (["train"], ["evaluate"], ["finetune"]) else argv)
     try:
         if args.command == "generate":
             generate_command(args)
         elif args.command == "inspect":
             inspect_command(args)
-        else:  # train / evaluate: their own parsers see every option, --help included
+        else:  # train / evaluate / finetune: their own parsers see every option, --help included
             from .tiny import cli as train
 
             return getattr(train, f"main_{args.command}")(argv[1:])

@@ -15,7 +15,8 @@ runs (`--repeat` times each, best kept) so that a busy machine affects both alik
 * U-Net step: batch 2 (CFG), 4x64x64 latents (a 512x512 image), fp32, and bf16 (autocast) where
   the CPU supports it; ratios always against diffusers *fp32*, `max_diff` against diffusers fp32.
   "sdlab" runs as `generate` runs fp32 on the CPU, with packed convolution weights
-  (`sdlab.packing`), in a round of its own against diffusers; then "sdlab unpacked" (the plain
+  (`sdlab.packing`), in a round of its own against diffusers with "sdlab recording attention" (the
+  same step inside `sdlab.inspect.record_attention`: what recording costs); then "sdlab unpacked" (the plain
   eager model) and the bf16 rows (autocast, unpacked, as `generate` runs bf16) in a second round.
 * VAE decode: 1x4x64x64 -> 512x512 (packed, as in `generate`).
 
@@ -138,7 +139,9 @@ def unet_functions(ours: dict, theirs: dict, size: int) -> dict:
 
 
 def component_rows(ours: dict, theirs: dict, repeat: int, quick: bool, bf16: bool) -> list[dict]:
-    """CLIP, one U-Net step (packed; then unpacked and bf16) and a VAE decode, sdlab against diffusers."""
+    """CLIP, one U-Net step (packed, also while recording attention; then unpacked and bf16) and a VAE
+    decode, sdlab against diffusers."""
+    from .inspect import record_attention
     from .tokenizer import load_tokenizer
 
     tokens = torch.tensor(load_tokenizer()([PROMPT, ""], padding="max_length", max_length=77, truncation=True).input_ids)
@@ -160,9 +163,16 @@ def component_rows(ours: dict, theirs: dict, repeat: int, quick: bool, bf16: boo
             diffs["diffusers bf16"] = max_diff(unet["diffusers bf16"](), reference)
         return diffs
 
+    def recording_unet():  # the same step while `inspect.record_attention` keeps every cross-attention map
+        with record_attention(ours):
+            return unet["sdlab"]()
+
     unet_row = f"U-Net step (2x4x{size}x{size})"
-    rows += timed_rows(unet_row, {"sdlab": unet["sdlab"], "diffusers": unet["diffusers"]}, repeat,
-                       lambda: {"sdlab": max_diff(unet["sdlab"](), unet["diffusers"]())}, packed=[ours["diffusion"]])
+    rows += timed_rows(unet_row, {"sdlab": unet["sdlab"], "sdlab recording attention": recording_unet,
+                                  "diffusers": unet["diffusers"]}, repeat,
+                       lambda: {"sdlab": max_diff(unet["sdlab"](), unet["diffusers"]()),
+                                "sdlab recording attention": max_diff(recording_unet(), unet["diffusers"]())},
+                       packed=[ours["diffusion"]])
     fns = {"sdlab unpacked": unet["sdlab"], "diffusers": unet["diffusers"]}
     if bf16:  # as `generate` runs bf16: autocast, weights not packed
         fns.update({"sdlab bf16": unet["sdlab bf16"], "diffusers bf16": unet["diffusers bf16"]})

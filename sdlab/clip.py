@@ -12,11 +12,14 @@ image-text matching).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from .attention import SelfAttention
 from .config import CLIPConfig
+from .errors import ArgumentError
 
 
 class CLIPEmbedding(nn.Module):
@@ -69,3 +72,20 @@ class CLIP(nn.Module):
         for layer in self.layers:
             state = layer(state)
         return self.layernorm(state)
+
+
+def add_token_embeddings(clip: CLIP, vectors: torch.Tensor) -> list[int]:
+    """Append rows (n, n_embd) to `clip`'s token embedding, for tokens added to the tokenizer
+    (`CLIPTokenizer.add_tokens`); returns their ids, `n_vocab` on. The existing rows, and so the
+    output for every prompt without a new token, stay bit for bit what they were."""
+    table = clip.embedding.token_embedding
+    if not isinstance(vectors, torch.Tensor) or vectors.ndim != 2 or vectors.shape[1] != table.embedding_dim:
+        shape = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+        raise ArgumentError(f"vectors must be a tensor (n, {table.embedding_dim}), one row per new token; got {shape}")
+    first = table.num_embeddings
+    with torch.no_grad():
+        rows = torch.cat([table.weight.detach(), vectors.detach().to(table.weight)])  # (n_vocab + n, n_embd)
+    table.weight = nn.Parameter(rows, requires_grad=table.weight.requires_grad)
+    table.num_embeddings = rows.shape[0]
+    clip.config = dataclasses.replace(clip.config, n_vocab=rows.shape[0])
+    return list(range(first, rows.shape[0]))

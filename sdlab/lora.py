@@ -120,15 +120,10 @@ def unet_original_to_diffusers(name: str, n_res_blocks: int) -> str:
     return f"{prefix}.{rest}"
 
 
-def target_names(models: dict) -> dict[str, Target]:
-    """Every name a LoRA file may give a layer of these models -> where it goes.
-
-    Each linear/convolution layer of the U-Net and the text encoder is named the original way
-    (`input_blocks.1.1.proj_in`), the diffusers/transformers way (`down_blocks.0.attentions.0.proj_in`,
-    `text_model.encoder.layers.0.self_attn.q_proj`), each with its file prefixes, kohya's with
-    underscores for dots.
-    """
-    names: dict[str, Target] = {}
+def layer_aliases(models: dict):
+    """For each linear/convolution layer (each third of a fused q/k/v) of the U-Net and the text
+    encoder: `(target, aliases)`, the layer's names without file prefix, the original one first
+    (`input_blocks.1.1.proj_in`), then diffusers'/transformers' (`down_blocks.0.attentions.0.proj_in`)."""
     for model in ("diffusion", "clip"):
         if model not in models:
             continue
@@ -145,12 +140,24 @@ def target_names(models: dict) -> dict[str, Target]:
                     aliases = [original, unet_original_to_diffusers(original, n_res_blocks)]
                 else:  # transformers names CLIP's layers as the original file does (v5: without `text_model.`)
                     aliases = [original, original.removeprefix("text_model.")]
-                target = Target(model, module_name, chunk)
-                kohya = next(p for p, m in KOHYA_PREFIXES.items() if m == model)
-                peft = next(p for p, m in PEFT_PREFIXES.items() if m == model)
-                for alias in aliases:
-                    names[kohya + alias.replace(".", "_")] = target
-                    names[peft + alias] = target
+                yield Target(model, module_name, chunk), aliases
+
+
+def target_names(models: dict) -> dict[str, Target]:
+    """Every name a LoRA file may give a layer of these models -> where it goes.
+
+    Each linear/convolution layer of the U-Net and the text encoder is named the original way
+    (`input_blocks.1.1.proj_in`), the diffusers/transformers way (`down_blocks.0.attentions.0.proj_in`,
+    `text_model.encoder.layers.0.self_attn.q_proj`), each with its file prefixes, kohya's with
+    underscores for dots.
+    """
+    names: dict[str, Target] = {}
+    for target, aliases in layer_aliases(models):
+        kohya = next(p for p, m in KOHYA_PREFIXES.items() if m == target.model)
+        peft = next(p for p, m in PEFT_PREFIXES.items() if m == target.model)
+        for alias in aliases:
+            names[kohya + alias.replace(".", "_")] = target
+            names[peft + alias] = target
     return names
 
 
@@ -306,3 +313,37 @@ def load_lora(models: dict, lora, scale: float = 1.0, fuse: bool = True, keep_or
         if not key.endswith(".alpha") and not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
             raise CheckpointError(f"{source}: {key} is not a floating-point tensor")
     return apply_adapters(models, parse_lora(lora, models, source), scale, fuse, keep_original, source)
+
+
+def kohya_names(models: dict) -> dict[tuple[str, str, int | None], str]:
+    """`(model, module, chunk)` -> the name kohya's trainer gives that layer: `lora_unet_` + diffusers'
+    U-Net name (`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k`), `lora_te_` +
+    the text encoder's original name (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`)."""
+    names = {}
+    for target, aliases in layer_aliases(models):
+        alias = aliases[1] if target.model == "diffusion" else aliases[0]
+        prefix = next(p for p, m in KOHYA_PREFIXES.items() if m == target.model)
+        names[target.model, target.module, target.chunk] = prefix + alias.replace(".", "_")
+    return names
+
+
+def lora_state_dict(models: dict, adapters: list[Adapter]) -> dict[str, torch.Tensor]:
+    """Adapters -> a kohya-format state dict (`<name>.lora_down.weight` (r, in[, k, k]),
+    `<name>.lora_up.weight` (out, r[, 1, 1]), `<name>.alpha`), which `load_lora` reads back exactly."""
+    names, state = kohya_names(models), {}
+    for adapter in adapters:
+        where = (adapter.target.model, adapter.target.module, adapter.target.chunk)
+        if where not in names:
+            raise ArgumentError(f"adapters: {adapter.target} is no linear or convolution layer of these models")
+        name = names[where]
+        state[name + ".lora_down.weight"] = adapter.down.detach().float().contiguous().clone()
+        state[name + ".lora_up.weight"] = adapter.up.detach().float().contiguous().clone()
+        state[name + ".alpha"] = torch.tensor(float(adapter.alpha if adapter.alpha is not None else adapter.rank))
+    return state
+
+
+def save_lora(models: dict, adapters: list[Adapter], path, metadata: dict[str, str] | None = None) -> None:
+    """Write adapters as a kohya-format `.safetensors` LoRA file (see `lora_state_dict`)."""
+    from safetensors.torch import save_file
+
+    save_file(lora_state_dict(models, adapters), str(path), metadata=metadata)

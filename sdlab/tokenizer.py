@@ -400,6 +400,8 @@ class CLIPTokenizer:
         self.eos_token_id = self.vocab[EOS]
         self.pad_token_id = self.vocab[EOS]  # SD1.5 pads with <|endoftext|>
         self.cache: dict[str, tuple[str, ...]] = {}  # word -> BPE pieces, like CLIP's cache
+        self.added_tokens: list[str] = []  # see `add_tokens`
+        self._special = SPECIAL_TOKENS  # what `tokenize` splits out of the text before anything else
         if vocab_file is not None:
             given = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
             if given != self.vocab:
@@ -408,6 +410,30 @@ class CLIPTokenizer:
 
     def __len__(self) -> int:
         return len(self.vocab)
+
+    def add_tokens(self, tokens) -> list[int]:
+        """Add new whole tokens (textual inversion's `"<diamond>"`) after the 49,408; returns their ids.
+
+        An added token is cut out of a prompt exactly as written (case and all), before cleaning,
+        normalizing and BPE, as the special tokens are, and becomes one id: `"a red <diamond>"` ->
+        `[320, 736, 49408]`. The text encoder needs a row for each new id
+        (`sdlab.clip.add_token_embeddings`). A token already in the vocabulary, an empty one,
+        or one with whitespace is an `ArgumentError`. Prompts without an added token keep their ids.
+        """
+        tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+        for token in tokens:
+            if not isinstance(token, str) or not token or any(c.isspace() for c in token):
+                raise ArgumentError(f"token must be a non-empty str without whitespace, like '<diamond>'; got {token!r}")
+            if token in self.vocab or tokens.count(token) > 1:
+                raise ArgumentError(f"token {token!r} is already in the vocabulary (id {self.vocab.get(token)}); "
+                                    "pick another name, like '<my-concept>'")
+        for token in tokens:
+            self.vocab[token] = len(self.id_to_token)
+            self.id_to_token.append(token)
+            self.added_tokens.append(token)
+        whole = sorted([BOS, EOS, *self.added_tokens], key=len, reverse=True)  # longest first
+        self._special = re.compile("(" + "|".join(re.escape(t) for t in whole) + ")")
+        return [self.vocab[token] for token in tokens]
 
     def __repr__(self) -> str:
         return f"CLIPTokenizer(vocab_size={len(self)}, model_max_length={self.model_max_length})"
@@ -506,13 +532,14 @@ class CLIPTokenizer:
         as that token too, as in transformers 4.19). Anything but a `str` without lone
         surrogates raises an `ArgumentError` naming `prompt`.
         """
-        parts = SPECIAL_TOKENS.split(check_prompt(text))
+        special = (BOS, EOS, *self.added_tokens)
+        parts = self._special.split(check_prompt(text))
         if self.cleaner is not None:
-            parts = [bit for part in parts for bit in ([part] if part in (BOS, EOS) else
-                                                       SPECIAL_TOKENS.split(self.cleaner(part)))]
+            parts = [bit for part in parts for bit in ([part] if part in special else
+                                                       self._special.split(self.cleaner(part)))]
         tokens: list[str] = []
         for part in parts:
-            if part in (BOS, EOS):
+            if part in special:
                 tokens.append(part)
             else:
                 for word in pre_tokenize(normalize(part)):

@@ -74,6 +74,19 @@ def image_grid(images, titles=None, *, columns: int | None = None, suptitle: str
     return fig
 
 
+def heat_blend(image, heat, *, cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+    """The image with a heat map (H, W, scaled to its maximum) blended over it, as (H, W, 3) uint8: the
+    picture `heatmap_overlay` draws in each panel, without a figure (for explorers' frames)."""
+    import matplotlib
+
+    image = _as_array(image)
+    image = image / 255.0 if image.dtype == np.uint8 else image.astype(np.float64)  # (H, W, 3) in [0, 1]
+    heat = _as_array(heat).astype(np.float64)
+    colours = matplotlib.colormaps[cmap](heat / heat.max() if heat.max() > 0 else heat)[..., :3]  # (H, W, 3)
+    blended = (1 - alpha) * image[..., :3] + alpha * colours
+    return (blended.clip(0, 1) * 255).round().astype(np.uint8)
+
+
 def heatmap_overlay(image, maps: dict, *, columns: int | None = None, suptitle: str | None = None,
                     cmap: str = "jet", alpha: float = 0.5, image_title: str = "image"):
     """The image, then one panel per word: the image with the word's heat map (H, W, scaled to its

@@ -15,7 +15,10 @@ def test_component_rows_compare_equal_outputs(sdlab_models, reference):
     rows = bench.component_rows(sdlab_models, theirs, repeat=1, quick=True, bf16=bf16)
     by_key = {(r["component"].split(" (")[0], r["impl"]): r for r in rows}
     impls = {"sdlab", "diffusers"} | ({"sdlab bf16", "diffusers bf16"} if bf16 else set())
-    assert {k for k in by_key if k[0] == "U-Net step"} == {("U-Net step", i) for i in impls | {"sdlab unpacked"}}
+    unet_impls = impls | {"sdlab unpacked", "sdlab recording attention"}
+    assert {k for k in by_key if k[0] == "U-Net step"} == {("U-Net step", i) for i in unet_impls}
+    # recording changes nothing: the same output as without it (bit for bit: tests/test_inspect.py)
+    assert by_key[("U-Net step", "sdlab recording attention")]["max_diff"] == by_key[("U-Net step", "sdlab")]["max_diff"]
     assert by_key[("U-Net step", "sdlab unpacked")]["max_diff"] <= 1e-4
     for component in ("CLIP", "U-Net step", "VAE decode"):
         assert by_key[(component, "diffusers")]["ratio"] == 1.0

@@ -6,14 +6,16 @@ ephemeral port) and straight from the files (`file://`, as a reader who opens `i
 and checks that
 
 - the page renders: a title, its text, every figure decoded, its math typeset by the vendored
-  MathJax without TeX errors, its stored widgets drawn as live controls;
+  MathJax without TeX errors; no widget view is stored for a page without a kernel (explorers show
+  their static twins, `sdlab/explorer.py`), and every static explorer control moves its picture;
 - nothing leaves the machine (no request to any other host; Chromium resolves no name at all),
   no local file is missing, and the console logs no error at all (JavaScript errors included);
 - the page is never wider than the window, and nothing sticks out of the text column unless it
-  scrolls inside its own box (display math, code, wide outputs); widgets' and players' controls
+  scrolls inside its own box (display math, code, wide outputs); explorers' and players' controls
   are all within the column, with no scrolling needed to reach them;
 - every image has at least 1.5 device pixels per displayed CSS pixel of width (natural width
-  >= 1.5x displayed width), so figures are sharp on today's screens (vector images excepted).
+  >= 1.5x displayed width), so figures are sharp on today's screens (vector images excepted, and
+  small pictures the browser enlarges pixel for pixel, `image-rendering: pixelated`).
 
 Each page is loaded once per (scheme, width); the three kinds of checks are separate tests that
 share that visit. Two more: `index.html` opened from the disk lands on the first chapter, and every
@@ -73,7 +75,7 @@ def chapters() -> list[str]:
     return [str(Path(f).with_suffix("")) for f in files]
 
 
-BOOK_SOURCES = ("_config.yml", "_toc.yml", "book/*.ipynb", "book/_ext/*.py", "sdlab/**/*.py")
+BOOK_SOURCES = ("_config.yml", "_toc.yml", "book/*.ipynb", "book/course/*.ipynb", "book/_ext/*.py", "sdlab/**/*.py")
 
 
 def build_unless_fresh(output: Path, script: str, extra_sources: tuple[str, ...], timeout: int) -> None:
@@ -157,35 +159,34 @@ MEASURE = """() => {
     if (scroller !== article && (mode === 'auto' || mode === 'scroll') && inColumn(scroller.getBoundingClientRect())) continue;
     sticksOut.push(`${label(el)}: ${box(r)}` + (scroller !== article ? `, clipped by ${label(scroller)} (overflow ${mode})` : ''));
   }
-  // every control of a widget or of an animation player is in the column (no scrolling to reach it)
+  // every control of an explorer or of an animation player is in the column (no scrolling to reach it)
   const controls = article.querySelectorAll(
-    '.jupyter-widgets input, .jupyter-widgets select, .jupyter-widgets button, .jupyter-widgets .widget-readout, ' +
-    '.jupyter-widgets .slider-container, .animation input, .animation button');
+    '.sdlab-explorer input:not([type=hidden]), .sdlab-explorer select, .sdlab-explorer output:not([hidden]), ' +
+    '.animation input, .animation button');
   const unreachable = [...controls].filter(c => { const r = c.getBoundingClientRect(); return r.width && !inColumn(r); })
     .map(c => `${label(c)}: ${box(c.getBoundingClientRect())}`);
   const images = [...article.querySelectorAll('img')].map(i => ({
     src: i.currentSrc || i.src, label: label(i), natural: i.naturalWidth, shown: i.getBoundingClientRect().width,
+    pixelated: getComputedStyle(i).imageRendering === 'pixelated',
   }));
   return {
     scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth,
     titles: article.querySelectorAll('h1').length, text: article.innerText.length,
     math: article.querySelectorAll('.math').length, typeset: article.querySelectorAll('mjx-container').length,
     texErrors: article.querySelectorAll('mjx-merror').length,
-    controls: article.querySelectorAll('.widget-slider, .widget-dropdown, .widget-toggle-buttons, .widget-radio, .widget-play').length,
+    widgets: article.querySelectorAll('.jupyter-widgets').length, explorers: article.querySelectorAll('.sdlab-explorer').length,
     players: article.querySelectorAll('.animation').length,
     sticksOut: sticksOut.slice(0, 20), unreachable: unreachable.slice(0, 20), images,
   };
 }"""
 
-# everything the page will draw has been drawn: figures decoded, math typeset, widgets rendered
+# everything the page will draw has been drawn: figures decoded, math typeset
 SETTLED = """() => {
-  const widgetsDone = [...document.querySelectorAll('script[type="WIDGET_VIEW"]')]
-    .every(s => s.previousElementSibling && s.previousElementSibling.querySelector('.jupyter-widgets'));
   const mathDone = !document.querySelector('.math') ||
     !!(window.MathJax && MathJax.startup && MathJax.startup.promise && MathJax.startup.promise.then);
   const imagesDone = [...document.querySelectorAll('img')].every(i => i.complete);
-  return widgetsDone && mathDone && imagesDone;
-}""".replace("WIDGET_VIEW", WIDGET_VIEW)
+  return mathDone && imagesDone;
+}"""
 
 
 class _Visit:
@@ -283,8 +284,9 @@ def test_page_works_offline(visit, chapter, scheme, viewport):
     if seen["math"]:
         assert seen["typeset"] >= seen["math"], f"{where}: math was not typeset ({seen['typeset']} of {seen['math']})"
         assert seen["texErrors"] == 0, f"{where}: MathJax reported TeX errors"
-    if WIDGET_VIEW in (HTML / f"{chapter}.html").read_text():
-        assert seen["controls"] >= 1, f"{where}: the stored widgets did not render"
+    page = (HTML / f"{chapter}.html").read_text()
+    assert WIDGET_VIEW not in page and not seen["widgets"], f"{where}: a widget view, dead without a kernel"
+    assert seen["explorers"] == page.count('<div class="sdlab-explorer"'), f"{where}: an explorer did not render"
     assert seen["images"] or seen["math"], f"{where}: neither figures nor math"
     assert not seen["outside"], f"{where}: requests for other hosts: {seen['outside']}"
     assert not seen["failed"], f"{where}: requests that failed: {seen['failed']}"
@@ -307,7 +309,7 @@ def test_images_are_sharp(visit, chapter, scheme, viewport):
     soft = []
     for image in seen["images"]:
         vector = image["src"].startswith("data:image/svg") or image["src"].endswith(".svg")
-        if image["shown"] == 0 or vector or image["natural"] >= SHARPNESS * image["shown"]:
+        if image["shown"] == 0 or vector or image["pixelated"] or image["natural"] >= SHARPNESS * image["shown"]:
             continue
         name = "" if image["src"].startswith("data:") else Path(urlparse(image["src"]).path).name[:16]
         soft.append(f"{image['label']}: {image['natural']} px shown {image['shown']:.0f} px wide "
@@ -346,3 +348,56 @@ def test_launch_buttons_point_at_the_repository(built_book):
                                       f"&urlpath=tree/{owner_repo.split('/')[-1]}/{notebook}&branch={branch}")
         for name, url in expected.items():
             assert f'href="{url}"' in html.replace("&amp;", "&"), f"{chapter}: no {name} launch button for {url}"
+
+
+# Moves every control of every explorer on the page through all its values, in order, and says where
+# the picture or the caption did not change (a control that moves without effect).
+MOVE_EVERY_CONTROL = """() => {
+  const dead = [];
+  let moved = 0;
+  document.querySelectorAll('.sdlab-explorer').forEach((root, e) => {
+    const image = root.querySelector('img'), caption = root.querySelector('.sdlab-explorer-caption');
+    root.querySelectorAll('[data-control]').forEach((input, k) => {
+      if (input.type === 'hidden') return;
+      const n = input.tagName === 'SELECT' ? input.options.length : Number(input.max) + 1;
+      const start = input.value;
+      if (!caption) dead.push(`explorer ${e}: no caption`);
+      for (let j = 0; j < n; j++) {
+        const before = image.src, previous = input.value;
+        input.value = String(j);
+        input.dispatchEvent(new Event('input'));
+        moved++;
+        const changed = image.src !== before;
+        if (String(j) !== previous && !changed) dead.push(`explorer ${e} control ${k}: ${previous} -> ${j} left the picture`);
+        if (String(j) === previous && changed) dead.push(`explorer ${e} control ${k}: the picture changed at ${j} unmoved`);
+      }
+      input.value = start;
+      input.dispatchEvent(new Event('input'));
+    });
+  });
+  return {dead, moved};
+}"""
+
+
+@pytest.mark.parametrize("chapter", chapters())
+def test_static_explorers_follow_their_controls(browser, server, chapter):
+    """In the page without a kernel, moving each explorer control to each of its values changes the
+    picture (JavaScript over the stored frames): no control moves without effect."""
+    page = browser.new_page(viewport=VIEWPORTS["390px"])
+    try:
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{server}/{chapter}.html", wait_until="load")
+        result = page.evaluate(MOVE_EVERY_CONTROL)
+    finally:
+        page.close()
+    stored = sum("sdlab-explorer" in "".join(output.get("data", {}).get("text/html", ""))
+                 for cell in _notebook(chapter)["cells"] for output in cell.get("outputs", []))
+    assert not result["dead"] and not errors, f"{chapter}: {result['dead']} {errors}"
+    assert (result["moved"] > 0) == (stored > 0), f"{chapter}: {stored} explorers stored, {result['moved']} moves made"
+
+
+def _notebook(chapter: str) -> dict:
+    import json
+
+    return json.loads((ROOT / f"{chapter}.ipynb").read_text())

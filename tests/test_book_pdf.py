@@ -138,49 +138,39 @@ def test_figures_are_in_place(pdf):
     assert embedded.count("image") >= figures, f"{embedded.count('image')} images in the PDF for {figures} figures"
 
 
-def test_static_pictures_for_widgets_and_players():
-    """The stand-ins themselves: an `interact` output widget's image, an `Image` widget's bytes,
-    matplotlib's player's first frame; a chapter's own picture is kept; other outputs untouched."""
+def test_static_pictures_for_explorers_and_players():
+    """The stand-ins themselves: matplotlib's player's first frame is added; an explorer's own picture
+    (stored beside its widget view and HTML) is kept; other outputs untouched."""
     import base64
 
     import matplotlib
 
     matplotlib.use("Agg")
+    import numpy as np
     from matplotlib import animation
     from matplotlib import pyplot as plt
+
+    from sdlab.explorer import explorer
 
     fig, ax = plt.subplots(figsize=(1, 1), dpi=40)
     frame = ax.imshow([[0.0, 1.0]])
     player = animation.FuncAnimation(fig, lambda k: frame.set_data([[k, 1.0 - k]]) or [frame], frames=2).to_jshtml()
     plt.close(fig)
-    png, jpeg = base64.b64encode(b"\x89PNG output").decode(), base64.b64encode(b"\xff\xd8 image").decode()
-    state = {
-        "box": {"model_name": "VBoxModel", "state": {"children": ["IPY_MODEL_slider", "IPY_MODEL_out"]}},
-        "slider": {"model_name": "IntSliderModel", "state": {"value": 3}},
-        "out": {"model_name": "OutputModel", "state": {"outputs": [
-            {"output_type": "display_data", "data": {"image/png": png, "text/plain": "<Figure>"},
-             "metadata": {"image/png": {"width": 240}}}]}},
-        "img": {"model_name": "ImageModel", "state": {"format": "jpeg"},
-                "buffers": [{"path": ["value"], "encoding": "base64", "data": jpeg}]},
-    }
+    made = explorer(lambda level: np.full((8, 8, 3), level, np.uint8), {"level": [10, 200]})
 
     def shown(data):
         return {"output_type": "display_data", "data": data, "metadata": {}}
 
-    notebook = {"metadata": {"widgets": {"application/vnd.jupyter.widget-state+json": {"state": state}}}, "cells": [
-        {"cell_type": "code", "outputs": [
-            shown({WIDGET_VIEW: {"model_id": "box"}, "text/plain": "interactive(children=...)"}),
-            shown({WIDGET_VIEW: {"model_id": "img"}, "text/plain": "Image(value=...)"}),
-            shown({"text/html": player, "text/plain": "<IPython.core.display.HTML object>"}),
-            shown({WIDGET_VIEW: {"model_id": "box"}, "image/png": "chosen", "text/plain": "..."}),
-            shown({"text/html": "<table></table>", "text/plain": "a table"}),
-        ]}]}
-    assert add_static_pictures(notebook) == 3
-    box, image, movie, chosen, table = (output["data"] for output in notebook["cells"][0]["outputs"])
-    assert box["image/png"] == png and notebook["cells"][0]["outputs"][0]["metadata"] == {"image/png": {"width": 240}}
-    assert image["image/jpeg"] == jpeg
+    stored = made._repr_mimebundle_()
+    notebook = {"metadata": {}, "cells": [{"cell_type": "code", "outputs": [
+        shown({"text/html": player, "text/plain": "<IPython.core.display.HTML object>"}),
+        shown(dict(stored)),
+        shown({"text/html": "<table></table>", "text/plain": "a table"}),
+    ]}]}
+    assert add_static_pictures(notebook) == 1
+    movie, kept, table = (output["data"] for output in notebook["cells"][0]["outputs"])
     frames = [base64.b64decode(re.sub(r"\\\n", "", re.search(rf'frames\[{k}\] = "data:image/png;base64,([^"]*)"', player).group(1)))
               for k in (0, 1)]
     assert base64.b64decode(movie["image/png"]) == frames[0] != frames[1]
-    assert chosen["image/png"] == "chosen"
+    assert kept == stored and WIDGET_VIEW in kept and "image/png" in kept
     assert set(table) == {"text/html", "text/plain"}

@@ -96,3 +96,15 @@ def test_x0_strip_titles_the_timesteps():
     fig = viz.x0_strip([(981, IMAGE), (torch.tensor(500), IMAGE), (1.0, IMAGE)])
     assert [ax.get_title() for ax in fig.axes] == ["x̂₀ at t = 981", "x̂₀ at t = 500", "x̂₀ at t = 1"]
     readable(fig)
+
+
+def test_heat_blend_is_the_overlay_of_heatmap_overlay():
+    """The figure-free blend equals what matplotlib draws for the same overlay (alpha over the image)."""
+    heat = RNG.random((64, 64)) * 3
+    blended = viz.heat_blend(IMAGE, heat, alpha=0.5)
+    colours = matplotlib.colormaps["jet"](heat / heat.max())[..., :3]
+    assert blended.shape == (64, 64, 3) and blended.dtype == np.uint8
+    assert np.abs(blended - (0.5 * IMAGE / 255 + 0.5 * colours) * 255).max() <= 0.5 + 1e-9
+    assert np.array_equal(viz.heat_blend(IMAGE, np.zeros((64, 64)), alpha=0.0), IMAGE)  # no heat, no alpha: the image
+    as_tensor = viz.heat_blend(torch.from_numpy(IMAGE).permute(2, 0, 1).float() / 255, heat)  # (C, H, W) float32
+    assert np.abs(as_tensor.astype(int) - blended).max() <= 1

@@ -39,6 +39,7 @@ FORBIDDEN = [str(ROOT), "/root/", "/tmp/"]
 TIMES = ROOT / "tools" / "chapter_times.json"
 TIME_MARKER = "{chapter-time}"
 WORDS_PER_MINUTE = 200  # a careful technical read (prose only: code and listings are not counted)
+PAGES = {"instructors": "course/instructors", "solutions": "course/solutions"}  # pages that are not chapters: written there, not timed
 
 
 def reading_words(nb: nbformat.NotebookNode) -> int:
@@ -94,23 +95,23 @@ def coalesce_streams(nb: nbformat.NotebookNode) -> None:
 
 
 def build(name: str) -> float:
-    nb = notebook(name)
+    nb, path = notebook(name), BOOK / f"{PAGES.get(name, name)}.ipynb"
     start = time.perf_counter()
-    SlicedClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(BOOK)}},
-                 store_widget_state=True, record_timing=False).execute()
+    SlicedClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
+                 store_widget_state=False, record_timing=False).execute()
     elapsed = time.perf_counter() - start
-    timed = chapter(name, elapsed)
+    timed = chapter(name, None if name in PAGES else elapsed)
     for cell, fresh in zip(nb.cells, timed.cells):  # the header's time line, now measured
         if cell.cell_type == "markdown":
             cell.source = fresh.source
     coalesce_streams(nb)
-    (BOOK / f"{name}.ipynb").write_text(checked_text(nb, name))
+    path.write_text(checked_text(nb, name))
     return elapsed
 
 
 def refresh_sources(name: str) -> None:
     """Put the chapter's current Markdown into the stored notebook, keeping its outputs."""
-    fresh, path = chapter(name), BOOK / f"{name}.ipynb"
+    fresh, path = chapter(name), BOOK / f"{PAGES.get(name, name)}.ipynb"
     stored = nbformat.read(path, as_version=4)
     shape = [(c.cell_type, c.source if c.cell_type == "code" else None) for c in fresh.cells]
     if shape != [(c.cell_type, c.source if c.cell_type == "code" else None) for c in stored.cells]:

@@ -39,6 +39,7 @@ ALLOWED = {
     "the model's name": r"\bSD ?1\.[5x]\b|\bv1\.x\b|\bv1-5\b|Stable Diffusion 1\.5|ViT-L/14|DPM\+\+ 2M",
     "an image or kernel size": r"\b\d+×\d+(?:×\d+)*",
     "a numbered list": r"^\s*(?:\*\*)?\d+\. ",
+    "a directive's label": r"^:label: [\w-]+$|^:::\{solution-(?:start|end)\}.*$",
     "2-D/3-D": r"\b[23]-D\b",
 }
 NOT_PROSE = [

@@ -2,10 +2,11 @@
 
     python tools/vendor_assets.py          # then: jupyter-book build . -W
 
-MathJax 3 (typesets the math), require.js and the Jupyter widget manager (renders the stored
-widgets) come from the npm registry with `npm install`, pinned below, and are copied into
-`book/_static/vendor/` (git-ignored). `_config.yml` points Sphinx's `mathjax_path` and myst-nb's
-`nb_ipywidgets_js` at these copies instead of the CDNs. Runs again only when a version changes.
+MathJax 3 (typesets the math), and require.js and reveal.js (the chapters' slides,
+`tools/build_slides.py`) come from the npm registry with `npm install`, pinned below, and are copied
+into `book/_static/vendor/` (git-ignored). `_config.yml` points Sphinx's `mathjax_path` at this copy
+instead of a CDN. (The book stores no widget state: its explorers carry their own static twins, so
+it needs no widget manager.) Runs again only when a version changes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-PACKAGES = {"mathjax": "3.2.2", "requirejs": "2.3.8", "@jupyter-widgets/html-manager": "1.0.15"}
+PACKAGES = {"mathjax": "3.2.2", "requirejs": "2.3.8", "reveal.js": "4.6.0"}
 VENDOR = Path(__file__).resolve().parents[1] / "book" / "_static" / "vendor"
 STAMP = VENDOR / "versions.json"
 
@@ -42,13 +43,14 @@ def main() -> int:
         # MathJax: the whole es5 tree (components load their extensions and fonts relative to it)
         shutil.copytree(modules / "mathjax" / "es5", VENDOR / "mathjax", ignore=shutil.ignore_patterns("*.map"))
         shutil.copy(modules / "requirejs" / "require.js", VENDOR / "require.min.js")
-        # the widget manager with base, controls and output widgets built in, plus its fonts
-        shutil.copytree(modules / "@jupyter-widgets" / "html-manager" / "dist", VENDOR / "html-manager",
-                        ignore=shutil.ignore_patterns("*.map", "embed.js*"))
-        for name in ("mathjax", "requirejs", "@jupyter-widgets/html-manager"):
+        # reveal.js: its built script, styles and themes (with their fonts) and the speaker-notes plugin
+        for part in ("dist", "plugin/notes"):
+            shutil.copytree(modules / "reveal.js" / part, VENDOR / "reveal.js" / part,
+                            ignore=shutil.ignore_patterns("*.map", "*.esm.js"))
+        for name in PACKAGES:
             licence = modules / name / "LICENSE"
             if licence.exists():
-                shutil.copy(licence, VENDOR / f"LICENSE.{name.replace('/', '_').lstrip('@')}")
+                shutil.copy(licence, VENDOR / f"LICENSE.{name}")
     (VENDOR / ".gitignore").write_text("*\n")
     STAMP.write_text(json.dumps(PACKAGES, indent=2) + "\n")
     size = sum(f.stat().st_size for f in VENDOR.rglob("*") if f.is_file())

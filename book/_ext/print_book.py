@@ -4,18 +4,12 @@ A widget or an animation needs a browser. In the HTML book they stay live; in th
 (`tools/build_pdf.sh`: Jupyter Book's LaTeX builder) each one becomes the picture it shows when
 the page opens, with a line saying that it is interactive in the HTML book:
 
-- a stored ipywidgets view (`application/vnd.jupyter.widget-view+json`) prints the first image
-  its output widgets hold in the notebook's saved widget state (for `interact`, the figure drawn
-  at the controls' starting values), or the value of an `Image` widget;
+- an explorer (`sdlab.explorer`) stores that picture itself, beside its widget view and its static
+  HTML (`image/png` or `image/jpeg` in the same output); the LaTeX builder prefers the image;
 - matplotlib's JavaScript player (`Animation.to_jshtml`, a `text/html` output) prints its first
-  frame, the one it shows before it plays.
-
-A chapter chooses its own picture by storing it in the same output, beside the widget view or
-the HTML: `display({"application/vnd.jupyter.widget-view+json": ..., "image/png": b64, ...},
-raw=True)`. The picture is added to the output's mime bundle when the notebook is read, for every
-builder: in HTML, myst-nb prefers the widget view and the HTML to any image, so nothing there
-changes; the LaTeX builder prefers the image to the text repr (`interactive(children=...)`,
-`<IPython.core.display.HTML object>`) it would print otherwise.
+  frame, the one it shows before it plays: the picture is added to the output's mime bundle when
+  the notebook is read, for every builder (in HTML myst-nb prefers the HTML to any image, so nothing
+  there changes).
 
 The chapters' titles carry their number ("1. Attention") for the HTML book, whose sidebar does
 not number them; LaTeX numbers chapters itself ("Chapter 1"), so the PDF drops the title's own.
@@ -31,7 +25,6 @@ from docutils import nodes
 from sphinx.transforms.post_transforms import SphinxPostTransform
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 # what the LaTeX builder can print (not SVG: a chapter that draws SVG must store a PNG beside it)
 STATIC = ("application/pdf", "image/png", "image/jpeg")
 PLAYER_FRAME = re.compile(r'frames\[(\d+)\]\s*=\s*"data:(image/(?:png|jpeg));base64,([^"]*)"')
@@ -50,31 +43,6 @@ def _is_player(data: dict) -> bool:
     return "text/html" in data and 'class="animation"' in _text(data["text/html"])
 
 
-def _widget_picture(model_id: str, state: dict, seen: set | None = None):
-    """`(mime, base64, metadata)` of the first image held by a widget or its descendants, else None."""
-    seen = set() if seen is None else seen
-    model = state.get(model_id)
-    if model is None or model_id in seen:
-        return None
-    seen.add(model_id)
-    fields = model.get("state", {})
-    if model.get("model_name") == "OutputModel":
-        for output in fields.get("outputs", []):
-            data = output.get("data", {})
-            for mime in STATIC[1:]:
-                if mime in data:
-                    return mime, _text(data[mime]), output.get("metadata", {}).get(mime, {})
-    if model.get("model_name") == "ImageModel" and fields.get("format") in ("png", "jpeg"):
-        for buffer in model.get("buffers", []):
-            if buffer.get("path") == ["value"] and buffer.get("encoding") == "base64":
-                return f"image/{fields['format']}", buffer["data"], {}
-    for child in fields.get("children", []):
-        found = _widget_picture(str(child).removeprefix("IPY_MODEL_"), state, seen)
-        if found:
-            return found
-    return None
-
-
 def _player_picture(html: str):
     """`(mime, base64, metadata)` of the first frame of matplotlib's JavaScript player, else None."""
     frames = sorted((int(m.group(1)), m.group(2), m.group(3)) for m in PLAYER_FRAME.finditer(html))
@@ -87,20 +55,14 @@ def _player_picture(html: str):
 
 
 def add_static_pictures(notebook: dict) -> int:
-    """Give every widget view and animation output of `notebook` a static picture; returns how many got one."""
-    state = notebook.get("metadata", {}).get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    """Give every animation output of `notebook` a static picture; returns how many got one."""
     added = 0
     for cell in notebook.get("cells", []):
         for output in cell.get("outputs", []):
             data = output.get("data", {})
             if output.get("output_type") not in ("display_data", "execute_result") or any(m in data for m in STATIC):
                 continue
-            if WIDGET_VIEW in data:
-                picture = _widget_picture(data[WIDGET_VIEW].get("model_id", ""), state)
-            elif _is_player(data):
-                picture = _player_picture(_text(data["text/html"]))
-            else:
-                continue
+            picture = _player_picture(_text(data["text/html"])) if _is_player(data) else None
             if picture:
                 mime, content, metadata = picture
                 data[mime] = content

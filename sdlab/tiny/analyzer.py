@@ -18,7 +18,11 @@ deterministic pipeline (no learned model, so it cannot share the generator's bia
    - **position**: centre of that bounding box, mapped to the 3x3 grid;
    - **shape**: two moment statistics of the alpha matte (see `shape_statistics`):
      a triangle is bottom-heavy, a square has its mass in the corners, a circle is
-     neither.
+     neither. With `novel=True` (`detect`, `read_scene`, `describe`; `score` sets it when the
+     prompt names a shape of `data.NOVEL_SHAPES`) a shape with its mass along the axes
+     instead of in the corners (squareness below `DIAMOND_THRESHOLD`) is a **diamond**, the
+     shape fine-tuning teaches (`sdlab.tiny.finetune`); without it the analyzer's readings
+     are those of the three trained shapes only.
 
 Generated images are blurry and noisy, so the statistics are chosen to be robust:
 cumulants of order three and four are left unchanged by a Gaussian blur, and `degrade`
@@ -35,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from .data import (
+    NOVEL_SHAPES,
     PALETTE,
     RELATIONS,
     SIZE_EXTENT,
@@ -55,6 +60,9 @@ WHITE_SATURATION = 0.35  # cores less saturated than this are "white"
 SIZE_THRESHOLD = float(np.sqrt(SIZE_EXTENT["small"] * SIZE_EXTENT["large"]))
 TRIANGLE_THRESHOLD = 0.5  # on `triangleness`: 0 for symmetric shapes, ~1 for a triangle
 SQUARE_THRESHOLD = 0.3  # on `squareness`: 0 for round shapes, ~1 for a square
+# On `squareness`, with `novel=True`: a diamond (a square turned by 45 degrees) scores -0.3 to -0.55 as
+# drawn and -0.13 to -0.3 through the tiny VAE; the tiny model's generated circles score -0.1 or more.
+DIAMOND_THRESHOLD = -0.15
 
 
 @dataclass(frozen=True)
@@ -188,7 +196,6 @@ def classify_colour(rgb: np.ndarray) -> str:
     hue, saturation = _hue_saturation(rgb)
     if saturation < WHITE_SATURATION:
         return "white"
-
     def hue_distance(name: str) -> float:
         delta = abs(hue - _PALETTE_HUES[name]) % 360
         return min(delta, 360 - delta)
@@ -237,12 +244,14 @@ def shape_statistics(alpha: np.ndarray, extent: float) -> tuple[float, float]:
     return triangleness, squareness
 
 
-def classify_shape(triangleness: float, squareness: float) -> str:
-    """Shape name from the two statistics of `shape_statistics`."""
+def classify_shape(triangleness: float, squareness: float, novel: bool = False) -> str:
+    """Shape name from the two statistics of `shape_statistics`; `novel=True` also names diamonds."""
     if triangleness > TRIANGLE_THRESHOLD:
         return "triangle"
     if squareness > SQUARE_THRESHOLD:
         return "square"
+    if novel and squareness < DIAMOND_THRESHOLD:
+        return "diamond"
     return "circle"
 
 
@@ -257,11 +266,12 @@ def background_colour(image: np.ndarray) -> np.ndarray:
     return np.median(border, axis=0)
 
 
-def detect(image: np.ndarray) -> list[DetectedObject]:
+def detect(image: np.ndarray, novel: bool = False) -> list[DetectedObject]:
     """Find the objects of an RGB `uint8` image (`H x W x 3`, any size).
 
     Returns the objects in reading order (top to bottom, then left to right, by grid
-    cell); an empty list means that nothing stands out from the background.
+    cell); an empty list means that nothing stands out from the background. `novel=True`
+    also recognises the shapes of `data.NOVEL_SHAPES` (see `classify_shape`).
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
@@ -276,12 +286,12 @@ def detect(image: np.ndarray) -> list[DetectedObject]:
     for component in connected_components(contrast > DETECTION_THRESHOLD):
         if component.sum() < MIN_AREA_FRACTION * height * width:
             continue
-        objects.append(_measure(component, difference, contrast, width, height))
+        objects.append(_measure(component, difference, contrast, width, height, novel))
     objects.sort(key=lambda obj: (int(obj.centre[1] * 3), int(obj.centre[0] * 3), obj.centre))
     return objects
 
 
-def _measure(component, difference, contrast, width, height) -> DetectedObject:
+def _measure(component, difference, contrast, width, height, novel: bool = False) -> DetectedObject:
     """Attributes of one connected component (see the module docstring)."""
     peak = np.percentile(contrast[component], 90)
 
@@ -308,7 +318,7 @@ def _measure(component, difference, contrast, width, height) -> DetectedObject:
     triangleness, squareness = shape_statistics(alpha, extent)
 
     return DetectedObject(
-        shape=classify_shape(triangleness, squareness),
+        shape=classify_shape(triangleness, squareness, novel),
         colour=classify_colour(rgb),
         size="small" if relative_extent < SIZE_THRESHOLD else "large",
         position=grid_to_position(row, column),
@@ -321,14 +331,14 @@ def _measure(component, difference, contrast, width, height) -> DetectedObject:
     )
 
 
-def read_scene(image: np.ndarray) -> Scene | None:
+def read_scene(image: np.ndarray, novel: bool = False) -> Scene | None:
     """The `Scene` an image shows, or `None` if it is not a valid Shapes scene.
 
     Valid means one object, or two objects on the left and right (or top and bottom)
     of the middle row (column). Two objects are described from left to right (top to
-    bottom), e.g. "... to the left of ...".
+    bottom), e.g. "... to the left of ...". `novel`: as for `detect`.
     """
-    objects = [obj.spec() for obj in detect(image)]
+    objects = [obj.spec() for obj in detect(image, novel)]
     if len(objects) == 1:
         return Scene(tuple(objects))
     if len(objects) == 2:
@@ -340,9 +350,9 @@ def read_scene(image: np.ndarray) -> Scene | None:
     return None
 
 
-def describe(image: np.ndarray) -> str | None:
-    """Caption an image with the analyzer: `caption(read_scene(image))`, or `None`."""
-    scene = read_scene(image)
+def describe(image: np.ndarray, novel: bool = False) -> str | None:
+    """Caption an image with the analyzer: `caption(read_scene(image, novel))`, or `None`."""
+    scene = read_scene(image, novel)
     return None if scene is None else caption(scene)
 
 
@@ -385,11 +395,13 @@ def score(prompt_or_scene: str | Scene, image: np.ndarray) -> dict[str, float]:
     - `relation` (two-object prompts only): 1 if both objects are found and stand in
       the right left/right or above/below order;
     - `all`: 1 if the count and every attribute of every object are right.
+
+    A prompt (a `Scene`) with a shape of `data.NOVEL_SHAPES` is read with `novel=True`.
     """
     expected = prompt_or_scene
     if isinstance(expected, str):
         expected = parse_caption(expected)
-    found = detect(image)
+    found = detect(image, novel=any(obj.shape in NOVEL_SHAPES for obj in expected.objects))
     matched = match(expected.objects, found)
     result = {"count": float(len(found) == len(expected.objects))}
     for name in ATTRIBUTES:

@@ -1,7 +1,8 @@
-"""The tiny model's commands: `python -m sdlab train` and `python -m sdlab evaluate`.
+"""The tiny model's commands: `python -m sdlab train`, `python -m sdlab evaluate` and `finetune`.
 
     python -m sdlab train --out sdlab/data/tiny.safetensors --state /tmp/tiny-state.pt
     python -m sdlab evaluate --report sdlab/data/tiny_report.json
+    python -m sdlab finetune --out-dir /tmp/ft --report /tmp/ft/finetune.json
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from ..model_loader import DEFAULT_CHECKPOINT
 from .evaluate import DEFAULT_RUNS, evaluate_checkpoint
+from .finetune import InversionSettings, LoraSettings, run_finetune
 from .train import TrainSettings, train
 
 
@@ -68,3 +70,28 @@ def main_evaluate(argv=None) -> int:
     evaluate_checkpoint(args.ckpt, n_prompts=args.n_prompts, seed=args.seed, cfg_scale=args.cfg_scale,
                         runs=runs, report=args.report, training=training)
     return 0
+
+
+def finetune_parser(parser=None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="sdlab finetune",
+                                          description="Textual inversion and a LoRA on the tiny model, measured.")
+    p.add_argument("--out-dir", required=True, help="an existing folder for the embedding and the LoRA file")
+    p.add_argument("--report", default=None, help="write the figures as JSON here")
+    for prefix, settings in (("ti", InversionSettings), ("lora", LoraSettings)):  # --ti-steps, --lora-rank, ...
+        for setting in dataclasses.fields(settings):
+            p.add_argument(f"--{prefix}-" + setting.name.replace("_", "-"), type=type(setting.default),
+                           default=setting.default, dest=f"{prefix}_{setting.name}")
+    p.add_argument("--n-eval", type=int, default=60, help="evaluation prompts per figure (at most 60)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's)")
+    return p
+
+
+def main_finetune(argv=None) -> int:
+    args = finetune_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    inversion = InversionSettings(**{f.name: getattr(args, f"ti_{f.name}") for f in dataclasses.fields(InversionSettings)})
+    lora = LoraSettings(**{f.name: getattr(args, f"lora_{f.name}") for f in dataclasses.fields(LoraSettings)})
+    run_finetune(args.out_dir, args.report, inversion, lora, n_eval=args.n_eval)
+    return 0
+

@@ -214,7 +214,31 @@ glue("vae_scale", SD15.vae.scale_factor)
 #
 # ## Exercises
 #
-# 1. Using `model_loader.build_models` on the meta device, count the parameters of a U-Net with
-#    `base_channels=160`. How does the count scale with the width, and why?
-# 2. Which of the four models would you *not* need for text-to-image generation? For image-to-image?
-# 3. The latents are 64×64×4 for a 512×512×3 image. What is the compression factor?
+# Each exercise names the check that grades it: run it on your answer in a cell below; it prints
+# ✓ or says what is wrong. The worked solutions are on the [solutions](course/solutions.ipynb) page.
+#
+# :::{exercise}
+# :label: ex-0-1
+#
+# Count the parameters of a U-Net with `base_channels=160` (build `Diffusion(UNetConfig(base_channels=160))`
+# inside `with torch.device("meta"):`). How does the count scale with the width, and why?
+# Check: `from sdlab.exercises import check_unet_parameters; check_unet_parameters(count, base_channels=160)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-0-2
+#
+# Which of the four models does text-to-image generation use? Image-to-image?
+# Check: `check_models_needed(text_to_image={...}, image_to_image={...})` with names from
+# `"clip"`, `"encoder"`, `"decoder"`, `"diffusion"` (`from sdlab.exercises import check_models_needed`).
+# :::
+#
+# :::{exercise}
+# :label: ex-0-3
+#
+# The latents are 64×64×4 for a 512×512×3 image. What is the compression factor?
+# Check: `from sdlab.exercises import check_compression_factor; check_compression_factor(factor)`.
+# :::
+#
+# Test yourself with {ref}`this chapter's quiz <quiz-introduction>`; the slides for teaching it are
+# linked from the {doc}`Instructors page <course/instructors>`.

@@ -260,11 +260,42 @@ plt.show()
 #
 # ## Exercises
 #
-# 1. Remove the $1/\sqrt{d_k}$ factor and plot the entropy of the attention rows of random
-#    inputs as $d_k$ grows from $8$ to $512$. What happens, and why does it hurt training?
-# 2. Show that attention without a mask is *permutation-equivariant*: permuting the input
-#    positions permutes the output the same way. Where does CLIP get its sense of order from?
-# 3. Count the multiply-adds of self-attention over the $4096$ latent pixels of a 512×512 image at
-#    width $320$. Which term dominates, and what does the fused kernel save?
-# 4. Implement a padding mask (keys that no query may attend to) and check it against
-#    `scaled_dot_product_attention(..., attn_mask=...)`.
+# Each exercise names the check that grades it (`from sdlab.exercises import ...`); the worked
+# solutions are on the [solutions](course/solutions.ipynb) page.
+#
+# :::{exercise}
+# :label: ex-1-1
+#
+# Remove the $1/\sqrt{d_k}$ factor: write `entropy(q, k)`, the mean entropy (in nats) of the rows of
+# $\operatorname{softmax}(QK^\top)$, and plot it for random inputs as $d_k$ grows from $8$ to $512$.
+# What happens, and why does it hurt training? Check: `check_unscaled_entropy(entropy)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-1-2
+#
+# Show that attention without a mask is *permutation-equivariant*: permuting the input
+# positions permutes the output the same way. Write `equivariance_error(attend, x, perm)`, the largest
+# difference between `attend(x[:, perm])` and `attend(x)[:, perm]`. Where does CLIP get its sense of
+# order from? Check: `check_equivariance_error(equivariance_error)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-1-3
+#
+# Count the multiply-adds of self-attention over the $4096$ latent pixels of a 512×512 image at
+# width $320$: those of the four projections, and those of $QK^\top$ and $AV$. Which term
+# dominates, and what does the fused kernel save?
+# Check: `check_attention_macs(projections, scores_and_values)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-1-4
+#
+# Implement a padding mask, `masked_attention(q, k, v, padding)` with `padding` (B, L_k) True for the
+# keys that no query may attend to, and compare it with `scaled_dot_product_attention(..., attn_mask=...)`.
+# Check: `check_padding_mask(masked_attention)`.
+# :::
+#
+# Test yourself with {ref}`this chapter's quiz <quiz-attention>`; the slides for teaching it are
+# linked from the {doc}`Instructors page <course/instructors>`.

@@ -83,6 +83,35 @@ for step in tokenizer.bpe_steps("capybara"):
 # words. Finally the ids are *framed*: `<|startoftext|>` ({glue:text}`bos_id`) in front, `<|endoftext|>` ({glue:text}`eos_id`)
 # after, and padding with `<|endoftext|>` up to the {glue:text}`n_token` positions of the encoder.
 #
+# ### Explore: BPE on a word
+#
+# Pick a word (with a running kernel, type any word) and watch the merges, one per row:
+
+# %%
+import ipywidgets as widgets
+from sdlab.explorer import explorer
+
+def bpe_frame(word):
+    """The BPE segmentations of `word`, one row per merge, the merged pair on the left."""
+    steps = tokenizer.bpe_steps(word.lower().strip() or "?")
+    fig, ax = plt.subplots(figsize=(4.8, 0.3 * len(steps) + 0.3))
+    fig.subplots_adjust(0, 0, 1, 1)
+    for row, step in enumerate(steps):
+        pair = "start" if step.pair is None else f"{step.pair[0]}+{step.pair[1]}".replace("</w>", "·")
+        pieces = " | ".join(piece.replace("</w>", "·") for piece in step.pieces)
+        ax.text(0.01, -row, f"{pair:>9s}  {pieces}", ha="left", va="center", fontsize=10, family="monospace")
+    ax.set(xlim=(0, 1), ylim=(-len(steps) + 0.4, 0.6))
+    ax.axis("off")
+    ids = tokenizer.encode(word)
+    return fig, f"{len(steps) - 1} merges → {len(ids)} token{'s' * (len(ids) != 1)}: {ids}"
+
+explorer(bpe_frame, {"word": ["capybara", "tokenizer", "unbelievable", "astronaut", "diffusion", "sdlab"]},
+         title="byte-pair encoding, merge by merge", width=480,
+         live={"word": widgets.Text(value="capybara", description="word", continuous_update=False)})
+
+# %% [markdown]
+# `·` marks the end of the word (`</w>`).
+#
 # **Check against transformers.** `sdlab` writes the Hugging Face tokenizer files from the same
 # merges, so `transformers.CLIPTokenizer` can be built without the Hub and compared:
 
@@ -248,10 +277,38 @@ glue("pad_trend", "more alike" if after > before else "less alike")
 #
 # ## Exercises
 #
-# 1. Find a common English word that BPE splits into three or more tokens. How many tokens does
-#    your name take? An emoji?
-# 2. Write a prompt longer than {glue:text}`n_token` tokens. What does the tokenizer warn, and which words does
-#    Stable Diffusion never see?
-# 3. Replace the causal mask with no mask in `CLIPLayer` and check that the parity test fails.
-#    Which positions still agree, and why?
-# 4. Show that the output at an early position does not change when you change a later word.
+# Each exercise names the check that grades it (`from sdlab.exercises import ...`); the worked
+# solutions are on the [solutions](course/solutions.ipynb) page.
+#
+# :::{exercise}
+# :label: ex-2-1
+#
+# Find a common English word that BPE splits into three or more tokens. How many tokens does
+# your name take? An emoji? Check: `check_long_word(word)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-2-2
+#
+# Write a prompt longer than {glue:text}`n_token` tokens. What does the tokenizer warn, and which words does
+# Stable Diffusion never see? Check: `check_truncation(prompt, unseen_words)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-2-3
+#
+# Replace the causal mask with no mask in `CLIPLayer` and check that the parity test fails.
+# Which positions of one layer's output ($77$ tokens) still agree, and why?
+# Check: `check_unmasked_agreement(positions)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-2-4
+#
+# Show that the output at an early position does not change when you change a later word: encode
+# two prompts that differ in one later word with the tiny model's CLIP and find the first position
+# whose output differs. Check: `check_causal_prefix(prompt_a, prompt_b, first_changed)`.
+# :::
+#
+# Test yourself with {ref}`this chapter's quiz <quiz-clip>`; the slides for teaching it are
+# linked from the {doc}`Instructors page <course/instructors>`.

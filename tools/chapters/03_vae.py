@@ -263,9 +263,38 @@ print("decoder", tuple(decoded.shape), "max |difference| < 1e-4:", (decoded - re
 #
 # ## Exercises
 #
-# 1. Decode the latents with and without the noise $\sqrt{v}\,\epsilon$. Can you see a difference?
-#    What does that say about $v$?
-# 2. Interpolate linearly between the latents of two images and decode the path.
-# 3. Set one latent channel to zero before decoding. What does each channel seem to encode?
-# 4. Measure the standard deviation of unscaled latents over many images of the Shapes data set
-#    with the tiny VAE. Which scale factor would you choose for it?
+# Each exercise names the check that grades it (`from sdlab.exercises import ...`; the checks use
+# the tiny model); the worked solutions are on the [solutions](course/solutions.ipynb) page.
+#
+# :::{exercise}
+# :label: ex-3-1
+#
+# Decode the latents with and without the noise $\sqrt{v}\,\epsilon$. Can you see a difference?
+# What does that say about $v$? Measure the mean $\sqrt v$ over your images
+# (`vae_encoder.moments`). Check: `check_posterior_std(value, images)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-3-2
+#
+# Interpolate linearly between the latents $z_a$, $z_b$ of two images and decode the path
+# ($t$ = `torch.linspace(0, 1, n)`). Check: `check_interpolation(decoded, z_a, z_b)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-3-3
+#
+# Set one latent channel to zero before decoding, for each channel in turn. What does each channel
+# seem to encode? Check: `check_channel_ablation(decoded, latents)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-3-4
+#
+# Measure the standard deviation of unscaled latents over many ($\ge 64$) images of the Shapes
+# data set with the tiny VAE. Which scale factor would you choose for it?
+# Check: `check_scale_factor(scale, images)`.
+# :::
+#
+# Test yourself with {ref}`this chapter's quiz <quiz-vae>`; the slides for teaching it are
+# linked from the {doc}`Instructors page <course/instructors>`.

@@ -229,10 +229,40 @@ print(f"parameters: {count(ours):,} | output {tuple(a.shape)} | max |difference|
 #
 # ## Exercises
 #
-# 1. Feed the same latents with two different timesteps to the small U-Net. Which layer is the
-#    first whose output differs? And with two different contexts?
-# 2. Set `attention_levels=(False, False, False, False)` for SD1.5's sizes. How many parameters
-#    are left, and what could such a model still learn?
-# 3. Remove one skip connection (replace it with zeros of the same shape) and explain why the
-#    U-Net cannot be trained to reproduce fine detail without it.
-# 4. Why does the time embedding use frequencies up to $10000^{-1}$ when $t$ only goes to $999$?
+# Each exercise with a check names it (`from sdlab.exercises import ...`); the worked solutions
+# are on the [solutions](course/solutions.ipynb) page.
+#
+# :::{exercise}
+# :label: ex-4-1
+#
+# Feed the same latents with two different timesteps to the small U-Net (`Diffusion(SMALL.unet)`).
+# Which block (its name in `named_modules()`, e.g. `"unet.encoders.1.0"`) is the first whose output
+# differs? And with two different contexts?
+# Check: `check_first_differing_layers(time_layer, context_layer)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-4-2
+#
+# Set `attention_levels=(False, False, False, False)` for SD1.5's sizes. How many parameters
+# are left, and what could such a model still learn?
+# Check: `check_unet_parameters(count, attention_levels=(False, False, False, False))`.
+# :::
+#
+# :::{exercise}
+# :label: ex-4-3
+#
+# Remove one skip connection (replace it with zeros of the same shape) and explain why the
+# U-Net cannot be trained to reproduce fine detail without it. (A question to answer in words.)
+# :::
+#
+# :::{exercise}
+# :label: ex-4-4
+#
+# What are the periods, in timesteps, of the fastest and the slowest sinusoid of the time
+# embedding (`get_time_embedding`, width $320$)? Why does it use frequencies down to $10000^{-1}$
+# when $t$ only goes to $999$? Check: `check_time_frequencies(fastest_period, slowest_period)`.
+# :::
+#
+# Test yourself with {ref}`this chapter's quiz <quiz-unet>`; the slides for teaching it are
+# linked from the {doc}`Instructors page <course/instructors>`.

@@ -121,32 +121,30 @@ for name, betas in schedules.items():
 #
 # ### Explore: schedule and timestep
 #
-# Move the sliders to see the photo at timestep $t$ under any schedule. Widgets need a running
-# kernel: in the rendered book the controls appear with the picture of their initial values, and
-# the small-multiples figure below shows the same exploration statically.
+# Choose a schedule and move $t$ to see the photo at timestep $t$ (`sdlab.explorer`: with a
+# running kernel $t$ is a slider over every timestep; in the rendered book the controls move
+# through stored pictures). The small-multiples figure below shows more of the same at once.
 
 # %%
 import ipywidgets as widgets
+from sdlab.explorer import explorer
+
+SCHEDULES = {"SD: scaled_linear 0.00085 → 0.012": ("scaled_linear", 0.00085, 0.012),
+             "linear 0.00085 → 0.012": ("linear", 0.00085, 0.012),
+             "DDPM: linear 0.0001 → 0.02": ("linear", 1e-4, 0.02)}
 
 def noised(beta_start, beta_end, schedule, t):
     alpha_bar = torch.cumprod(1 - make_betas(1000, beta_start, beta_end, schedule), 0)[t]
     return show(alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise), alpha_bar.item()
 
-def explore(beta_start=0.00085, beta_end=0.012, schedule="scaled_linear", t=250):
-    image, alpha_bar = noised(beta_start, beta_end, schedule, t)
-    fig, ax = plt.subplots(figsize=(1.95, 1.95))
-    ax.imshow(image)
-    ax.set_title(f"t = {t}, ᾱ = {alpha_bar:.3f}", fontsize=10)
-    ax.axis("off")
-    plt.show()
+def schedule_frame(schedule, t):
+    name, start, end = SCHEDULES[schedule]
+    image, alpha_bar = noised(start, end, name, t)
+    return image, f"t = {t}, ᾱ = {alpha_bar:.3f}"
 
-widgets.interact(
-    explore,
-    beta_start=widgets.FloatLogSlider(value=0.00085, base=10, min=-5, max=-2, step=0.1, continuous_update=False),
-    beta_end=widgets.FloatLogSlider(value=0.012, base=10, min=-3, max=-0.5, step=0.1, continuous_update=False),
-    schedule=widgets.Dropdown(options=["scaled_linear", "linear"], value="scaled_linear"),
-    t=widgets.IntSlider(value=250, min=0, max=999, step=1, continuous_update=False),
-);
+explorer(schedule_frame, {"schedule": list(SCHEDULES), "t": [50, 250, 500, 750, 999]}, start={"t": 250},
+         title="the photo at timestep t", width=288, image_format="jpeg",
+         live={"t": widgets.IntSlider(value=250, min=0, max=999, description="t", continuous_update=False)})
 
 # %%
 settings = [("scaled_linear", 0.00085, 0.012), ("linear", 0.00085, 0.012), ("linear", 1e-4, 0.02), ("scaled_linear", 0.00085, 0.03)]
@@ -160,7 +158,7 @@ for row, (schedule, start, end) in enumerate(settings):
         axes[row, col].set_yticks([])
         axes[row, col].set_title(f"t={t}  ᾱ={alpha_bar:.2f}", fontsize=9)
     axes[row, 0].set_ylabel(f"{schedule}\n{start:g} → {end:g}", fontsize=9)
-fig.suptitle("the static version of the explorer: rows = schedules, columns = timesteps", fontsize=10)
+fig.suptitle("rows = schedules, columns = timesteps", fontsize=10)
 plt.tight_layout()
 show_jpeg(fig)  # noise compresses badly as PNG: a JPEG keeps the notebook small
 
@@ -400,7 +398,30 @@ glue("order_cfg_helps", "rises" if right["dpmpp_2m", 2.0] > right["dpmpp_2m", 5.
 # usual choice; at very few steps and high guidance the same overshoot is why first-order or
 # "lower order final" variants exist.
 # :::
+
+# %% [markdown]
+# ### Explore: sampler, steps, guidance
 #
+# The same comparison on one picture of the tiny model, with the analyzer's reading under it
+# (✓ when every attribute matches the prompt):
+
+# %%
+from sdlab import pipeline
+from sdlab.tiny.analyzer import describe, score
+
+EXPLORE_PROMPT = "a small red circle to the left of a large blue square"
+
+def sampler_frame(sampler_name, steps, cfg_scale):
+    picture = pipeline.generate(EXPLORE_PROMPT, models=tiny, seed=4, sampler_name=sampler_name, n_inference_steps=steps,
+                                cfg_scale=cfg_scale, height=64, width=64, progress=False)
+    right = score(EXPLORE_PROMPT, picture)["all"] == 1
+    return picture, f"{'✓' if right else '✗'} reads: {describe(picture) or 'nothing recognisable'}"
+
+explorer(sampler_frame, {"sampler_name": ["ddim", "euler", "euler_a", "dpmpp_2m"], "steps": [4, 10, 25],
+                         "cfg_scale": [2.0, 7.5]}, start={"steps": 10, "cfg_scale": 7.5},
+         title=f"“{EXPLORE_PROMPT}” (the tiny model)")
+
+# %% [markdown]
 # The noise levels each sampler visits:
 
 # %%
@@ -433,9 +454,32 @@ print({name: len(make_sampler(name).timesteps) for name in ("ddpm", "ddim", "eul
 #
 # ## Exercises
 #
-# 1. Train the toy model with the DDPM linear schedule (`DDPMSampler(beta_schedule="linear",
-#    beta_start=1e-4, beta_end=0.02)`). Does sampling get better or worse at `25` steps?
-# 2. Plot $\hat x_0$ (not $x_t$) at each DDPM step. When does the spiral "appear"?
-# 3. Run DDIM with `eta=1.0` (`make_sampler("ddim", g, eta=1.0)`) and compare it with DDPM.
-# 4. Measure the quality of the samples: the mean distance from each generated point to the
-#    nearest data point, for each sampler and `5`, `10`, `25`, `50` steps. Plot it.
+# Each exercise names the check that grades it (`from sdlab.exercises import ...`); the worked
+# solutions are on the [solutions](course/solutions.ipynb) page.
+#
+# :::{exercise}
+# :label: ex-5-1
+#
+# Compute $\bar\alpha_t$ of the DDPM linear schedule ($\beta_t$ from $10^{-4}$ to $0.02$) yourself,
+# then train the toy model with it (`DDPMSampler(beta_schedule="linear", beta_start=1e-4,
+# beta_end=0.02)`). Does sampling get better or worse at `25` steps?
+# Check: `check_alphas_cumprod(alphas_cumprod)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-5-2
+#
+# Write `x0_hat(x_t, eps, alpha_bar)` and plot $\hat x_0$ (not $x_t$) at each DDPM step. When
+# does the spiral "appear"? Check: `check_predict_x0(x0_hat)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-5-3
+#
+# Write `ddim_sigma(alpha_bar, alpha_bar_prev, eta)`, the standard deviation of the noise a DDIM
+# step adds (equation $16$ of the DDIM paper), and show that at $\eta = 1$ it is DDPM's $\sqrt{\tilde\beta_t}$.
+# Check: `check_ddim_sigma(ddim_sigma)`.
+# :::
+#
+# Test yourself with {ref}`this chapter's quiz <quiz-samplers>`; the slides for teaching it are
+# linked from the {doc}`Instructors page <course/instructors>`.

@@ -14,13 +14,14 @@
 # All the parts are built. This chapter assembles them into text-to-image generation:
 # **tokenize → encode → denoise with classifier-free guidance → decode**, first by hand and
 # then with `sdlab.pipeline.generate`, and then takes the process apart: the guidance scale,
-# image-to-image, inpainting, where each word of the prompt lands, and what the model believes the
-# final image to be at every step.
+# negative prompts, interpolating between seeds, image-to-image, inpainting, where each word of the
+# prompt lands, and what the model believes the final image to be at every step.
 #
 # :::{admonition} This chapter
-# **You will learn** how `generate` composes its four stages, what the guidance scale does,
-# image-to-image and inpainting (and their limits), cross-attention maps, and the clean image
-# $\hat x_0$ every sampler implies at every step.
+# **You will learn** how `generate` composes its four stages, what the guidance scale and a
+# negative prompt do, why noise is interpolated on a sphere, image-to-image and inpainting (and
+# their limits), recording cross-attention and turning it into per-word maps that localize, and the
+# clean image $\hat x_0$ every sampler implies at every step.
 #
 # **You need** chapters 2–5.
 #
@@ -210,25 +211,102 @@ fig.suptitle(f"“{PROMPT}” ({MODEL})", fontsize=9)
 plt.show()
 
 # %% [markdown]
-# With a kernel, explore it live (the rendered book shows the controls with their first picture;
-# the figure above is the static version):
+# ### Explore: prompt, guidance, seed
+#
+# An explorer (`sdlab.explorer`) draws a picture for every combination of its controls. With a
+# running kernel the prompt is a text box (for the tiny model: any caption of chapter 7's
+# grammar), and the guidance scale and the seed are sliders; the rendered book keeps the pictures
+# of a few prompts and scales, and its controls move through them. Under each picture, for the
+# tiny model, the analyzer of chapter 7 reads what was drawn: ✓ when every attribute matches the
+# prompt.
 
 # %%
 import ipywidgets as widgets
+from sdlab.explorer import explorer
+from sdlab.tiny.analyzer import describe, score
 
-def show_small(image, title):  # the explorers' single picture
-    fig, ax = plt.subplots(figsize=(1.8, 1.8))
-    ax.imshow(image)
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-    plt.show()
+def encode(prompt, negative=""):
+    with torch.no_grad():
+        return pipeline.encode_prompts(tokenizer, clip, [prompt, negative], DEVICE)
 
-def cfg_explorer(cfg_scale=7.5, seed=2):
-    show_small(make_image(context, seed=seed, cfg_scale=cfg_scale), f"scale {cfg_scale:g}, seed {seed}")
+def verdict(prompt, picture):
+    """What the analyzer reads in a tiny-model picture; ✓/✗ when `prompt` is a caption it can check."""
+    if REAL:
+        return ""
+    reading = describe(picture) or "nothing recognisable"
+    try:
+        right = score(prompt, picture)["all"] == 1
+    except ValueError:  # not a caption of the Shapes grammar: the reading only
+        return f"reads: {reading}"
+    return f"{'✓' if right else '✗'} reads: {reading}"
 
-widgets.interact(cfg_explorer,
-                 cfg_scale=widgets.FloatSlider(value=7.5, min=0, max=15, step=0.5, continuous_update=False),
-                 seed=widgets.IntSlider(value=2, min=0, max=20, continuous_update=False));
+def prompt_frame(prompt, cfg_scale, seed=2):
+    picture = make_image(encode(prompt), seed=seed, cfg_scale=cfg_scale)
+    return picture, verdict(prompt, picture)
+
+EXPLORE_PROMPTS = [PROMPT] if REAL else [
+    "a large red circle in the center", "a small blue square on the left", "a large green triangle at the bottom",
+    "a small yellow circle above a large purple square"]
+EXPLORE_SCALES = [7.5] if REAL else [1.0, 3.0, 7.5]  # SD1.5 on a CPU: one stored picture, the rest live
+explorer(prompt_frame, {"prompt": EXPLORE_PROMPTS, "cfg_scale": EXPLORE_SCALES}, start={"cfg_scale": 7.5},
+         title=f"prompt and guidance scale ({MODEL})",
+         live={"prompt": widgets.Text(value=EXPLORE_PROMPTS[0], description="prompt", continuous_update=False),
+               "cfg_scale": widgets.FloatSlider(value=7.5, min=0, max=15, step=0.5, description="cfg_scale",
+                                                continuous_update=False),
+               "seed": widgets.IntSlider(value=2, min=0, max=20, description="seed", continuous_update=False)})
+
+# %% [markdown]
+# ### Negative prompts
+#
+# The unconditioned half of the batch need not be empty. Guidance moves the prediction *away*
+# from whatever text stands there, $\hat\epsilon = \epsilon(x_t, c_-) + s\,(\epsilon(x_t, c) -
+# \epsilon(x_t, c_-))$, so a *negative prompt* $c_-$ (`generate(..., uncond_prompt=...)`) names
+# what the picture should not be. The tiny model learned whole captions, so its negative prompts
+# are captions too: the prompt below names no colour, and each negative caption pushes the circle
+# away from the colour it names.
+
+# %%
+NEGATIVE_PROMPT = PROMPT if REAL else "a large circle in the center"
+NEGATIVES = ["", "ugly, blurry"] if REAL else [
+    "", "a large purple circle in the center", "a large blue circle in the center", "a large red circle in the center"]
+
+def negative_frame(negative, cfg_scale):
+    picture = make_image(encode(NEGATIVE_PROMPT, negative), seed=1, cfg_scale=cfg_scale)
+    return picture, verdict(NEGATIVE_PROMPT, picture)
+
+explorer(negative_frame, {"negative": NEGATIVES, "cfg_scale": EXPLORE_SCALES[1:] or EXPLORE_SCALES},
+         title=f"“{NEGATIVE_PROMPT}” with a negative prompt",
+         live={"negative": widgets.Text(value="", description="negative", continuous_update=False)})
+
+# %% [markdown]
+# ### Between two seeds: latent interpolation
+#
+# Two seeds give two starting noises $z_a, z_b$, each of $d$ independent standard normal numbers.
+# Their straight-line mixture $(1-t)\,z_a + t\,z_b$ is too short halfway, a norm of about
+# $\sqrt{d/2}$ instead of $\sqrt d$, and no sampler expects noise like that. Spherical
+# interpolation keeps the norm: with $\cos\Omega = z_a\cdot z_b / (\lVert z_a\rVert\lVert z_b\rVert)$,
+# $\operatorname{slerp}(t) = \frac{\sin((1-t)\Omega)}{\sin\Omega} z_a + \frac{\sin(t\Omega)}{\sin\Omega} z_b$.
+
+# %%
+def slerp(a, b, t):
+    """Spherical interpolation between two noise tensors (t = 0: a, t = 1: b)."""
+    omega = torch.arccos((a * b).sum() / (a.norm() * b.norm()))
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+_, noise_a, _ = start(1)
+_, noise_b, _ = start(2)
+d = noise_a.numel()
+print(f"d = {d:,}: |z_a| / √d = {noise_a.norm() / d ** 0.5:.3f}, halfway |lerp| / √d = "
+      f"{(0.5 * noise_a + 0.5 * noise_b).norm() / d ** 0.5:.3f}, |slerp| / √d = {slerp(noise_a, noise_b, 0.5).norm() / d ** 0.5:.3f}")
+
+def interpolation_frame(t):
+    sampler, _, _ = start(1)  # DDIM draws no noise while sampling: the start is all that differs
+    picture = decode(pipeline.denoise(diffusion, sampler, slerp(noise_a, noise_b, t), context, 7.5))
+    return picture, verdict(PROMPT, picture)
+
+explorer(interpolation_frame, {"t": [0.5] if REAL else [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]},
+         title="from seed 1 (t = 0) to seed 2 (t = 1)",
+         live={"t": widgets.FloatSlider(value=0.5, min=0, max=1, step=0.05, description="t", continuous_update=False)})
 
 # %% [markdown]
 # ## Image-to-image
@@ -266,8 +344,6 @@ for ax in axes:
 fig.suptitle(f"“{NEW_PROMPT}” ({MODEL})", fontsize=9)
 plt.show()
 if not REAL:  # the tiny model's pictures can be read back (chapter 7's analyzer)
-    from sdlab.tiny.analyzer import describe
-
     read_back = {s: describe(img2img[s]) or "nothing recognisable" for s in strengths}
     for s, text in read_back.items():
         print(f"strength {s:g}: {text}")
@@ -286,11 +362,13 @@ if not REAL:  # the tiny model's pictures can be read back (chapter 7's analyzer
 # :::
 
 # %%
-def strength_explorer(strength=0.6):
-    show_small(make_image(new_context, seed=3, image=image, strength=strength), f"strength {strength:g}")
+def strength_frame(strength):
+    picture = img2img[strength] if strength in img2img else make_image(new_context, seed=3, image=image, strength=strength)
+    return picture, verdict(NEW_PROMPT, picture)
 
-widgets.interact(strength_explorer,
-                 strength=widgets.FloatSlider(value=0.6, min=0.05, max=1.0, step=0.05, continuous_update=False));
+explorer(strength_frame, {"strength": strengths}, start={"strength": 0.6}, title=f"image-to-image: “{NEW_PROMPT}”",
+         live={"strength": widgets.FloatSlider(value=0.6, min=0.05, max=1.0, step=0.05, description="strength",
+                                               continuous_update=False)})
 
 # %% [markdown]
 # ## Inpainting
@@ -328,8 +406,6 @@ for ax in axes:
 fig.suptitle(f"“{INPAINT_PROMPT}” ({MODEL})", fontsize=9)
 plt.show()
 if not REAL:
-    from sdlab.tiny.analyzer import score
-
     followed = sum(score(INPAINT_PROMPT, picture)["all"] == 1 for picture in inpainted)
     print(f"pictures whose every attribute matches the prompt: {followed} of {len(inpainted)}")
     for picture in inpainted:
@@ -349,49 +425,117 @@ if not REAL:
 # %% [markdown]
 # ## Where each word lands: cross-attention maps
 #
-# Every cross-attention layer of the U-Net gives, for every latent pixel, a distribution over
-# the $77$ tokens (chapter 1). Keeping those weights (`store_attention = True`), averaging them
-# over heads, layers and steps and reading one token's column gives a map of where that word
-# acts on the image.
+# Every cross-attention layer of the U-Net gives, for every latent pixel $p$, a distribution over
+# the $77$ tokens (chapter 1). `sdlab.inspect.record_attention` keeps those weights while a
+# picture is made, without changing a single pixel of it: each attention call hands its queries
+# and keys to a recorder, which computes the weights again on the side and keeps, per transformer
+# block and step, the map of every token at the block's resolution.
+#
+# ```{listing} sdlab.inspect.record_attention
+# ```
+#
+# A word's *heat map* (DAAM, [Tang et al. 2022](https://arxiv.org/abs/2210.04885)) upsamples
+# each block's map of the word's tokens to the image, and sums over blocks $\ell$ and steps $t$:
+# $D_j = \sum_{\ell, t} \max(0, \operatorname{up}(\bar A^{\ell,t}_{\cdot, j}))$, with $\bar A$ the
+# mean over the heads:
+#
+# ```{listing} sdlab.inspect.token_heatmaps
+# ```
 
 # %%
-import torch.nn.functional as F
-from sdlab.attention import CrossAttention
+from sdlab import inspect, viz
 
-crosses = [m for m in diffusion.modules() if isinstance(m, CrossAttention)]
-latent_hw = SIZE // decoder.config.downscale
-total = torch.zeros(77, latent_hw, latent_hw, device=DEVICE)
-
-def collect(module, inputs, output):
-    weights = module.attention_weights[0].mean(0)  # conditional half, mean over heads: (pixels, 77)
-    side = int(weights.shape[0] ** 0.5)
-    maps = weights.T.reshape(77, 1, side, side)
-    total.add_(F.interpolate(maps, size=(latent_hw, latent_hw), mode="bilinear")[:, 0])
-
-hooks = [m.register_forward_hook(collect) for m in crosses]
-for m in crosses:
-    m.store_attention = True
-try:
+with inspect.record_attention(models, per_head=True) as recording:
     attention_image = make_image(context, seed=1)
-finally:
-    for m in crosses:
-        m.store_attention = False
-    for h in hooks:
-        h.remove()
-
-words = tokenizer.tokenize(PROMPT)
-fig, axes = plt.subplots(1, len(words) + 1, figsize=(1.5 * (len(words) + 1), 2.1))
-axes[0].imshow(attention_image)
-axes[0].set_title("image", fontsize=9)
-for j, word in enumerate(words, start=1):  # position 0 is <|startoftext|>
-    heat = (total[j] / total[j].max()).cpu()
-    axes[j].imshow(attention_image)
-    axes[j].imshow(F.interpolate(heat[None, None], size=(SIZE, SIZE), mode="bilinear")[0, 0], cmap="jet", alpha=0.5)
-    axes[j].set_title(word.replace("</w>", ""), fontsize=9)
-for ax in axes:
-    ax.axis("off")
+print(f"recorded: {len(recording.blocks)} transformer blocks ({', '.join(recording.blocks)}) over "
+      f"{recording.n_steps} steps, {recording.nbytes() / 2**20:.1f} MiB")
+print("the same picture as without recording:", np.array_equal(attention_image, make_image(context, seed=1)))
+plain_maps = inspect.word_heatmaps(recording, tokenizer, PROMPT, (SIZE, SIZE), start_token="keep")
+viz.heatmap_overlay(attention_image, plain_maps, suptitle=f"“{PROMPT}”: every word's map, summed over heads, blocks and steps")
 plt.show()
-print(f"{len(crosses)} cross-attention layers, maps summed over {STEPS} steps")
+
+# %% [markdown]
+# Do the maps land on the objects? For the tiny model this can be measured: on single-object
+# prompts the analyzer finds the object, and `inspect.localization_report` computes how much of
+# the shape word's and of the colour word's heat lies inside the object's box (grown by one latent
+# pixel), for several ways of aggregating. The prompts below are held out from training and from
+# the choice of heads; the pictures are made with chapter 7's evaluation settings
+# (`sdlab.tiny.evaluate.generate_batch`: {glue:text}`loc_settings`).
+
+# %%
+if not REAL:
+    from sdlab.tiny.data import heldout_prompts
+    from sdlab.tiny.evaluate import generate_batch
+
+    LOCALIZATION_CHOICES = ["flat map", "all blocks, all steps, SOT kept", "all blocks, all steps, SOT renormalized",
+                            "block up.3 only, SOT kept", "tiny localizing heads, cutoff 0.4"]
+    probe_prompts = heldout_prompts(16, seed=12, two_object_prob=0.0)
+    report = inspect.localization_report(models, probe_prompts, list(range(8000, 8016)),
+                                         {name: inspect.TINY_CHOICES[name] for name in LOCALIZATION_CHOICES},
+                                         tokenizer=tokenizer)
+    print(f"{len(probe_prompts)} held-out prompts, e.g. “{probe_prompts[0]}”; share of each word's heat inside the object's box")
+    print(f"{'aggregation':42s} {'shape word: mean, ≥ 50%':>26s} {'colour word: mean, ≥ 50%':>27s}")
+    for name, row in report.items():
+        print(f"{name:42s} {row['shape']['mean']:13.2f} {row['shape']['at_least']:11.0%} "
+              f"{row['colour']['mean']:14.2f} {row['colour']['at_least']:11.0%}")
+    best, plain, flat = (report[name] for name in ("tiny localizing heads, cutoff 0.4",
+                                                   "all blocks, all steps, SOT kept", "flat map"))
+    glue("loc_flat", f"{flat['shape']['mean']:.2f}")
+    glue("loc_plain_shape", f"{plain['shape']['mean']:.2f}")
+    glue("loc_best_shape", f"{best['shape']['mean']:.2f}")
+    glue("loc_best_colour", f"{best['colour']['mean']:.2f}")
+    glue("loc_best_shape_share", f"{best['shape']['at_least']:.0%}")
+    glue("loc_best_colour_share", f"{best['colour']['at_least']:.0%}")
+    glue("loc_cutoff", f"{inspect.TINY_LOCALIZING['shape']['cutoff']:g}")
+    for kind in ("shape", "colour"):
+        heads = inspect.TINY_LOCALIZING[kind]["heads"]
+        glue(f"loc_{kind}_heads", ", ".join(f"{block} head {h}" for block, hs in heads.items() for h in hs))
+    import inspect as python_inspect  # the defaults of the evaluation settings, read from the code
+
+    defaults = {name: value.default for name, value in python_inspect.signature(generate_batch).parameters.items()
+                if value.default is not python_inspect.Parameter.empty}
+    glue("loc_settings", ", ".join(f"{name}={value}" for name, value in defaults.items()
+                                   if name in ("sampler_name", "n_inference_steps", "cfg_scale")))
+
+# %% [markdown]
+# :::{admonition} The tiny model
+# :class: note
+# The plain sum puts {glue:text}`loc_plain_shape` of the shape word's heat inside the box, hardly
+# more than a flat map ({glue:text}`loc_flat`, the box's share of the picture). The tiny model's
+# cross-attention localizes in a few heads only, which the mean over heads washes out: the shape
+# word in the heads {glue:text}`loc_shape_heads`, the colour word in {glue:text}`loc_colour_heads`
+# over the late steps (`inspect.TINY_LOCALIZING`, chosen on other prompts). Those heads, with
+# DAAM's cutoff at {glue:text}`loc_cutoff` of the maximum, put {glue:text}`loc_best_shape` of the shape word's heat
+# and {glue:text}`loc_best_colour` of the colour word's inside the box, and at least half of it in
+# {glue:text}`loc_best_shape_share` and {glue:text}`loc_best_colour_share` of the prompts.
+# SD1.5's maps localize with the plain sum; the choice of heads is a finding about this small model.
+# :::
+#
+# ### Explore: word, blocks, steps
+#
+# The same recording, cut three ways: the word, the blocks summed (all, the way down or the way
+# up), and the steps summed (all, the first half, where the layout is decided, or the second).
+
+# %%
+import functools
+
+STOP_WORDS = {"a", "an", "the", "of", "to", "in", "on", "at"}
+attention_words = [word for word, _ in inspect.word_tokens(tokenizer, PROMPT) if word not in STOP_WORDS]
+half = recording.n_steps // 2
+block_groups = {"all blocks": None, **{f"{part} blocks": tuple(b for b in recording.blocks if b.startswith(part))
+                                       for part in ("down", "up")}}
+step_spans = {"all steps": None, f"steps 1–{half}": slice(0, half), f"steps {half + 1}–{recording.n_steps}": slice(half, None)}
+
+@functools.cache
+def maps_of(blocks, steps):
+    return inspect.word_heatmaps(recording, tokenizer, PROMPT, (SIZE, SIZE), start_token="keep",
+                                 blocks=block_groups[blocks], steps=step_spans[steps])
+
+def attention_frame(word, blocks, steps):
+    return viz.heat_blend(attention_image, maps_of(blocks, steps)[word]), f"“{word}”: {blocks}, {steps}"
+
+explorer(attention_frame, {"word": attention_words, "blocks": list(block_groups), "steps": list(step_spans)},
+         title="cross-attention heat map", width=256)
 
 # %% [markdown]
 # ## What the model believes at each step
@@ -509,14 +653,38 @@ for name in sdlab.samplers.sampler_names():
 #   → VAE decoder; `pipeline.generate` is exactly these stages, and gives the same pixels.
 # * The guidance scale trades diversity for prompt fidelity; image-to-image starts the loop
 #   part-way from a noised encoding; inpainting re-imposes the known region after every step.
-# * Cross-attention weights show where each token acts; $\hat x_0$ shows the image forming,
-#   coarse to fine.
+# * A negative prompt replaces the empty text that guidance moves away from; noise is
+#   interpolated spherically, so that every mixture keeps the norm a sampler expects.
+# * `inspect.record_attention` records cross-attention without changing a pixel; summed into
+#   per-word maps (DAAM) they show where each word acts, and on the tiny model they localize
+#   only in a few heads. $\hat x_0$ shows the image forming, coarse to fine.
 #
 # ## Exercises
 #
-# 1. Use a negative prompt (`uncond_prompt=`) to remove a colour from the tiny model's pictures.
-# 2. Pass `sampler_name="euler_a"` and `"dpmpp_2m"` to `make_image` (and to `believed_images`):
-#    how few steps are enough?
-# 3. Inpainting without re-noising the known region (put back `inpainting.image_latents` itself,
-#    in a `denoise` callback of your own) gives visible seams. Try it and explain why.
-# 4. Make a cross-attention map for the word *left* or *right*. Is it where you expect?
+# Each exercise with a check names it (`from sdlab.exercises import ...`; the checks generate
+# with the tiny model); the worked solutions are on the [solutions](course/solutions.ipynb) page.
+#
+# :::{exercise}
+# :label: ex-6-1
+#
+# Use a negative prompt (`uncond_prompt=`) to remove a colour from the tiny model's pictures of a
+# prompt that names no colour. Check: `check_negative_prompt(prompt, uncond_prompt, colour)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-6-2
+#
+# Pass `sampler_name="euler_a"` and `"dpmpp_2m"` to `make_image` (and to `believed_images`):
+# how few steps are enough? Check: `check_enough_steps(sampler_name, steps)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-6-3
+#
+# Inpainting without re-noising the known region (put back `inpainting.image_latents` itself,
+# in a `denoise` callback of your own) gives visible seams. Try it and explain why. (A question
+# to answer in words.)
+# :::
+#
+# Test yourself with {ref}`this chapter's quiz <quiz-pipeline>`; the slides for teaching it are
+# linked from the {doc}`Instructors page <course/instructors>`.

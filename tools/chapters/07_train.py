@@ -228,10 +228,32 @@ print(f"\nVAE reconstruction PSNR {report['vae_psnr_db']} dB; one 64x64 image in
 #
 # ## Exercises
 #
-# 1. Train without caption dropout (`caption_dropout=0`). What happens to the pictures at CFG
-#    scale `5`, and why?
-# 2. Plot the U-Net loss per timestep bucket. Which timesteps are hardest to predict?
-# 3. Use the analyzer to measure accuracy per attribute on `50` held-out prompts. Which attribute
-#    generalises worst?
-# 4. Make the VAE down-sample $4\times$ instead of $8\times$ (`channel_mult=(1, 2, 4)`). What does it cost
-#    in U-Net time, and what does it buy in reconstruction quality?
+# Each exercise with a check names it (`from sdlab.exercises import ...`); the worked solutions
+# are on the [solutions](course/solutions.ipynb) page.
+#
+# :::{exercise}
+# :label: ex-7-1
+#
+# Train without caption dropout (`caption_dropout=0`). What happens to the pictures at CFG
+# scale `5`, and why? (A question to answer in words.)
+# :::
+#
+# :::{exercise}
+# :label: ex-7-2
+#
+# Plot the U-Net loss per timestep bucket: write `bucket_means(timesteps, losses, n_buckets)`, the
+# mean loss in each of `n_buckets` equal ranges of $t$. Which timesteps are hardest to predict?
+# Check: `check_loss_per_bucket(bucket_means)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-7-3
+#
+# Make the VAE down-sample $4\times$ instead of $8\times$ (`channel_mult=(1, 2, 4)`). What
+# latent shape does a 64×64 picture get, what does it cost in U-Net FLOPs (`FlopCounterMode`), and
+# what does it buy in reconstruction quality?
+# Check: `check_vae_downsampling(latent_shape, unet_flops_ratio)`.
+# :::
+#
+# Test yourself with {ref}`this chapter's quiz <quiz-train>`; the slides for teaching it are
+# linked from the {doc}`Instructors page <course/instructors>`.

@@ -355,10 +355,39 @@ print("tiled VAE decode: mean pixel difference", round(float(np.abs(tiled.astype
 #
 # ## Exercises
 #
-# 1. Time `attention_backend("sliced", n)` for $n = 256, 1024, 4096$ on the $4096$-pixel attention.
-#    Why does the time hardly change while the memory falls with $n$?
-# 2. Count the FLOPs of the VAE decoder at 512×512 with `FlopCounterMode`. Why does a single
-#    decode take longer than a U-Net step although it is called once?
-# 3. Run the bf16 cell with `torch.float16` instead. What happens to the time on a CPU, and why?
-# 4. With `FlopCounterMode(depth=3)`, find the U-Net level that costs most. Would attention at the
-#    64×64 level be affordable without the fused kernel at 1024×1024?
+# Each exercise with a check names it (`from sdlab.exercises import ...`); the worked solutions
+# are on the [solutions](course/solutions.ipynb) page.
+#
+# :::{exercise}
+# :label: ex-8-1
+#
+# Time `attention_backend("sliced", n)` for $n = 256, 1024, 4096$ on the $4096$-pixel attention.
+# Why does the time hardly change while the memory falls with $n$? How many bytes do the scores of
+# one slice take ($8$ heads, float32)? Check: `check_score_bytes(n_bytes, queries=n)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-8-2
+#
+# Count the FLOPs of the VAE decoder at 512×512 with `FlopCounterMode`. Why does a single
+# decode take longer than a U-Net step although it is called once?
+# Check: `check_decoder_flops(flops)`.
+# :::
+#
+# :::{exercise}
+# :label: ex-8-3
+#
+# Run the bf16 cell with `torch.float16` instead. What happens to the time on a CPU, and why?
+# (A question to answer in words.)
+# :::
+#
+# :::{exercise}
+# :label: ex-8-4
+#
+# With `FlopCounterMode(depth=3)`, find the U-Net level (the side of its latents) that costs most.
+# Would attention at the 64×64 level be affordable without the fused kernel at 1024×1024?
+# Check: `check_costliest_level(side)`, and `check_score_bytes(n_bytes, queries=16384, pixels=16384)`.
+# :::
+#
+# Test yourself with {ref}`this chapter's quiz <quiz-speed>`; the slides for teaching it are
+# linked from the {doc}`Instructors page <course/instructors>`.
