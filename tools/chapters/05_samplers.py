@@ -19,7 +19,8 @@
 # :::{admonition} This chapter
 # **You will learn** the forward process and the noise schedule, DDPM's reverse step, why DDIM,
 # Euler and DPM++ 2M take bigger steps, that DDPM on a reduced schedule *is* DDIM with $\eta = 1$,
-# and how classifier-free guidance interacts with a solver's order.
+# how classifier-free guidance interacts with a solver's order, the VP and VE forms of the same
+# noise (why Euler starts at $\sigma_\text{max}$) and where the steps fall (timestep spacing).
 #
 # **You need** chapter 4 (the time embedding) and the notation of chapter 0.
 #
@@ -422,6 +423,66 @@ explorer(sampler_frame, {"sampler_name": ["ddim", "euler", "euler_a", "dpmpp_2m"
          title=f"“{EXPLORE_PROMPT}” (the tiny model)")
 
 # %% [markdown]
+# ### One process, two parametrisations: VP and VE
+#
+# DDPM and DDIM keep their latents *variance preserving* (VP):
+# $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1 - \bar\alpha_t}\,\epsilon$ has variance close to $1$ at every
+# $t$. The Euler samplers use the *variance exploding* (VE) form of the very same process,
+# $\tilde x_t = x_t / \sqrt{\bar\alpha_t} = x_0 + \sigma_t\,\epsilon$ with
+# $\sigma_t = \sqrt{(1 - \bar\alpha_t)/\bar\alpha_t}$: the signal keeps its size and the noise grows.
+# That is why an Euler sampler starts from noise times `init_noise_sigma`, about $\sigma_\text{max}$,
+# instead of $1$, and why its `scale_model_input` divides by $\sqrt{\sigma_t^2 + 1}$ before every
+# U-Net call: it hands the network the VP latents it was trained on. The check, on the toy's
+# points, at the first timestep of a run of $10$ steps:
+
+# %% tags=["nbval-check-output"]
+euler, ddim = make_sampler("euler"), make_sampler("ddim")
+for s in (euler, ddim):
+    s.set_inference_timesteps(10)
+a = euler.alphas_cumprod
+sigma_max = ((1 - a[-1]) / a[-1]).sqrt().item()
+x0_points = spiral(2000, torch.Generator().manual_seed(5))
+eps = torch.randn(x0_points.shape, generator=torch.Generator().manual_seed(6))
+t_first = int(euler.timesteps[0])
+ve = euler.add_noise(x0_points, t_first, eps)  # x0 + σ ε
+vp = ddim.add_noise(x0_points, t_first, eps)  # √ᾱ x0 + √(1-ᾱ) ε
+print(f"σ at the last training step: {sigma_max:.2f}; Euler's init_noise_sigma: {euler.init_noise_sigma:.2f}")
+print(f"t = {t_first}: scale_model_input(VE latents) is the VP latents:",
+      (euler.scale_model_input(ve, t_first) - vp).abs().max().item() < 1e-5)
+print(f"std of the VE latents {ve.std().item():.1f}, of the VP latents {vp.std().item():.2f}")
+glue("sigma_max", f"{sigma_max:.2f}")
+glue("euler_init_sigma", f"{euler.init_noise_sigma:.2f}")
+
+# %% [markdown]
+# So "Euler starts at $\sigma \approx$ {glue:text}`sigma_max`" is the same statement as "DDIM
+# starts at $\bar\alpha_{999}$": one noise level written in the two conventions (Euler's
+# `init_noise_sigma` is {glue:text}`euler_init_sigma`).
+#
+# ### Where the steps fall: timestep spacing
+#
+# With $n$ steps out of $T$ there are three rules in use (`sdlab.schedule.spaced_timesteps`):
+# *leading* (SD1.5's configuration: multiples of $T/n$, shifted by `steps_offset`), *linspace* (both
+# ends included) and *trailing* (counted down from the last step). The first step is where they
+# differ most:
+
+# %% tags=["nbval-check-output"]
+from sdlab.schedule import SPACINGS, spaced_timesteps
+
+for spacing in SPACINGS:
+    t = spaced_timesteps(10, spacing).round().astype(int)
+    print(f"{spacing:9s} {' '.join(f'{v:3d}' for v in t)}   ᾱ at the first step: {a[t[0]].item():.4f}")
+print("DDIM's own 10 steps are the leading ones:", np.array_equal(ddim.timesteps.numpy(), spaced_timesteps(10, "leading")))
+first = {spacing: spaced_timesteps(10, spacing).round().astype(int)[0] for spacing in SPACINGS}
+glue("leading_first", int(first["leading"]))
+glue("leading_first_signal", f"{a[first['leading']].sqrt().item():.3f}")
+
+# %% [markdown]
+# Under leading spacing a run of $10$ steps starts at $t$ = {glue:text}`leading_first`, where
+# $\sqrt{\bar\alpha}$ = {glue:text}`leading_first_signal`: the starting latents are pure noise, but
+# the model is told they still hold some signal. [Lin et al. 2023](https://arxiv.org/abs/2305.08891)
+# recommend trailing spacing (which starts at the last step) for that reason; every sdlab sampler
+# takes `timestep_spacing=`.
+#
 # The noise levels each sampler visits:
 
 # %%

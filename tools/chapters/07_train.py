@@ -20,8 +20,8 @@
 # :::{admonition} This chapter
 # **You will learn** how a captioned data set and two training stages (the VAE, then the text
 # encoder and U-Net) make a text-to-image model, what the training loss is — the DDPM noise loss,
-# weighted by Min-SNR, with an average of the weights (EMA) kept — and how to measure prompt
-# following.
+# how it follows from the ELBO, weighted by Min-SNR, with an average of the weights (EMA) kept —
+# and how to measure prompt following.
 #
 # **You need** chapters 2–6.
 #
@@ -133,6 +133,55 @@ glue("sd15_scale", SD15.vae.scale_factor)
 #
 # A few dozen steps of each stage run in seconds here: enough to see the losses fall, far from
 # enough to draw shapes (the shipped model trained for thousands of steps).
+
+# %% [markdown]
+# ### Where the simple loss comes from
+#
+# DDPM is trained by maximising a lower bound on $\log p_\theta(x_0)$, the ELBO. Up to terms that do
+# not depend on $\theta$, its negative is a sum over timesteps of KL divergences between the true
+# posterior $q(x_{t-1} \mid x_t, x_0)$ and the model's step $p_\theta(x_{t-1} \mid x_t)$, two Gaussians
+# with the same variance $\sigma_t^2$, so each is a squared distance between their means:
+# $L_{t-1} = \mathbb{E}\,\lVert \tilde\mu_t - \mu_\theta \rVert^2 / (2\sigma_t^2)$. Writing both means
+# through the noise, $\mu = \bigl(x_t - \tfrac{\beta_t}{\sqrt{1 - \bar\alpha_t}}\,\epsilon\bigr)/\sqrt{\alpha_t}$,
+# turns every term into a weighted noise-prediction error,
+#
+# $$L_{t-1} = \lambda_t\, \mathbb{E}\,\lVert \epsilon - \epsilon_\theta(x_t, t) \rVert^2, \qquad
+# \lambda_t = \frac{\beta_t^2}{2\sigma_t^2\,\alpha_t\,(1 - \bar\alpha_t)}.$$
+#
+# [Ho et al. 2020](https://arxiv.org/abs/2006.11239) drop the $\lambda_t$: $L_\text{simple}$ weighs
+# every timestep alike, which is a *reweighted* ELBO that trains better samplers. Min-SNR-$\gamma$
+# changes the weights once more, to $\min(\operatorname{SNR}_t, \gamma)/\operatorname{SNR}_t$ with
+# $\operatorname{SNR}_t = \bar\alpha_t / (1 - \bar\alpha_t)$. The three weightings, on SD's schedule
+# (with $\sigma_t^2 = \tilde\beta_t$, DDPM's posterior variance), each scaled to a mean of $1$:
+
+# %%
+from sdlab.ddpm import DDPMSampler
+from sdlab.tiny.train import TrainSettings
+
+schedule = DDPMSampler()
+betas, alphas, alpha_bar = schedule.betas.double(), schedule.alphas.double(), schedule.alphas_cumprod.double()
+alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+posterior_variance = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)  # β̃_t
+t_range = torch.arange(1, len(betas))  # t = 0 is the decoder term, not a KL
+elbo = betas[t_range] ** 2 / (2 * posterior_variance[t_range] * alphas[t_range] * (1 - alpha_bar[t_range]))
+snr = alpha_bar[t_range] / (1 - alpha_bar[t_range])
+gamma = TrainSettings().min_snr
+weights = {"ELBO, λ_t": elbo, "L_simple": torch.ones_like(elbo), f"Min-SNR, γ = {gamma:g}": snr.clamp(max=gamma) / snr}
+fig, ax = plt.subplots(figsize=(6.4, 2.8), layout="constrained")
+for name, w in weights.items():
+    ax.semilogy(t_range, w / w.mean(), label=name)
+ax.set(xlabel="timestep t", ylabel="weight / its mean", title="how much each timestep counts in the loss")
+ax.legend(fontsize=9)
+plt.show()
+ratio = (elbo[0] / elbo[len(elbo) // 2]).item()
+print(f"ELBO weight of t = 1 against t = {t_range[len(elbo) // 2].item()}: {ratio:,.0f}×")
+glue("elbo_ratio", f"{ratio:,.0f}")
+glue("elbo_mid_t", t_range[len(elbo) // 2].item())
+
+# %% [markdown]
+# The true ELBO weighs the nearly clean steps most (at $t = 1$, {glue:text}`elbo_ratio` times the
+# weight at $t$ = {glue:text}`elbo_mid_t`): details a viewer cannot see. $L_\text{simple}$ moves that weight to the noisy steps, where the layout is decided,
+# and Min-SNR lowers the clean end further still.
 
 # %%
 import time
