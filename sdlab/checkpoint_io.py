@@ -88,7 +88,8 @@ class CheckpointFile:
         self.globals: dict[str, str] = {}  # .ckpt only: global -> "weights_only" or "stand-in"
         self.extras: dict[str, str] = {}  # .ckpt only: top-level entries besides the tensors, summarised
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor `key`, in `as_dtype` if given (floating tensors)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -152,6 +153,9 @@ def _stat_regular_file(path: Path) -> os.stat_result:
 # --- safetensors --------------------------------------------------------------------------------
 
 
+READ_SLICE = 1 << 20  # values converted at a time when a tensor is read in another dtype
+
+
 class SafetensorsFile(CheckpointFile):
     """A `.safetensors` file whose header has been validated; each tensor is read into its own buffer."""
 
@@ -160,20 +164,39 @@ class SafetensorsFile(CheckpointFile):
     def __init__(self, path: Path, handle, size: int):
         super().__init__(path)
         self._handle = handle
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}  # read()'s conversion buffers, one per stored dtype
         handle.seek(0)
         self.tensors, self.metadata, self._ranges = parse_safetensors_header(handle, size, path)
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor `key`, read straight into its own buffer. With another floating `as_dtype`
+        (a float16 file loaded as float32) it is converted `READ_SLICE` values at a time through one
+        reused buffer, so the file's copy of a tensor never exists beside the converted one (and
+        the allocator is left no holes between them)."""
         info, begin = self.tensors[key], self._ranges[key][0]
         dtype = SAFETENSORS_DTYPES[_SAFETENSORS_NAME[info.dtype]][1] if info.dtype in _SAFETENSORS_NAME else None
         if dtype is None:
             raise CheckpointError(f"tensor {key!r} in {quoted(self.path)} has dtype {info.dtype}, which torch cannot hold")
-        tensor = torch.empty(info.shape, dtype=dtype)
         self._handle.seek(begin)
+        if as_dtype is None or as_dtype == dtype or not dtype.is_floating_point:
+            tensor = torch.empty(info.shape, dtype=dtype)
+            self._read_into(tensor, key)
+            return tensor
+        out = torch.empty(info.shape, dtype=as_dtype)
+        flat = out.view(-1)  # (numel,)
+        if dtype not in self._buffers:
+            self._buffers[dtype] = torch.empty(READ_SLICE, dtype=dtype)
+        for start in range(0, flat.numel(), READ_SLICE):
+            piece = self._buffers[dtype][: min(READ_SLICE, flat.numel() - start)]
+            self._read_into(piece, key)
+            flat[start:start + piece.numel()].copy_(piece)
+        return out
+
+    def _read_into(self, tensor: torch.Tensor, key: str) -> None:
+        """Fill a contiguous tensor with the next bytes of the file."""
         if self._handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != tensor.nbytes:
             raise CheckpointError(f"{quoted(self.path)} became shorter while it was read (tensor {key!r}); "
                                   f"is it still being written or downloaded?")
-        return tensor
 
     def close(self) -> None:
         self._handle.close()
@@ -343,14 +366,14 @@ class TorchZipFile(CheckpointFile):
                 self.tensors[key] = TensorInfo(value.size, str(value.dtype).removeprefix("torch."))
         return state
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
         if self._loaded is None:
             self._loaded = self._load()
         tensor = self._loaded.pop(key)
         info = self.tensors[key]
         if tuple(tensor.shape) != info.shape or str(tensor.dtype).removeprefix("torch.") != info.dtype:
             raise CheckpointError(f"tensor {key!r} in {quoted(self.path)} changed between checking and loading")
-        return tensor
+        return tensor if as_dtype is None or not tensor.is_floating_point() else tensor.to(as_dtype)
 
     def close(self) -> None:
         self._loaded = None  # the tensors not read (ignored keys) release the mapping with it

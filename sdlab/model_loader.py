@@ -189,6 +189,12 @@ def target_dtype(stored: torch.dtype, device, dtype=None) -> torch.dtype:
     return torch.float32 if stored == torch.float16 and torch.device(device).type == "cpu" else stored
 
 
+def _read_dtype(stored: str, device, dtype=None) -> torch.dtype | None:
+    """What the file reader converts a tensor to (`target_dtype` of its stored dtype), while reading."""
+    stored_dtype = getattr(torch, stored, None)
+    return target_dtype(stored_dtype, device, dtype) if isinstance(stored_dtype, torch.dtype) else None
+
+
 def _some(items, n: int = 5) -> str:
     items = list(items)
     return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
@@ -243,7 +249,8 @@ def preload_models_from_standard_weights(ckpt_path=None, device="cpu", dtype=Non
         if verbose and len(model_keys) < len(file.tensors):
             print(f"ignored {len(file.tensors) - len(model_keys)} tensors that no model reads: "
                   f"{_some(k for k in file.tensors if k not in model_keys)}")
-        state = {key: _checked(file.read(key), key, device, dtype, source) for key in model_keys}
+        state = {key: _checked(file.read(key, _read_dtype(file.tensors[key].dtype, device, dtype)), key, device, dtype,
+                               source) for key in model_keys}
     return _assign(models, state, config)
 
 

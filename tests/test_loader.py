@@ -351,3 +351,30 @@ def test_peak_memory_while_loading(sd15_variants, form):
     print(f"{form}: peak RSS {peak / 2**30:.2f} GiB for a {path.stat().st_size / 2**30:.2f} GiB file")
     assert peak <= 1.2 * budget
 
+
+
+def test_reading_in_another_dtype_converts_slice_by_slice_exactly(tmp_path, monkeypatch):
+    """A float16 file read as float32 (and float32 as bfloat16) gives exactly `.to(dtype)` of the stored
+    tensor, through one small reused buffer; a file cut short mid-conversion is named."""
+    from sdlab import checkpoint_io
+
+    monkeypatch.setattr(checkpoint_io, "READ_SLICE", 1000)  # many slices, and a partial last one
+    generator = torch.Generator().manual_seed(0)
+    stored = {"half": torch.randn(37, 101, generator=generator).half(), "full": torch.randn(2500, generator=generator),
+              "ids": torch.arange(7)}
+    path = tmp_path / "mixed.safetensors"
+    save_file(stored, str(path))
+    with checkpoint_io.open_checkpoint(path) as file:
+        assert torch.equal(file.read("half", torch.float32), stored["half"].float())
+        assert torch.equal(file.read("full", torch.bfloat16), stored["full"].bfloat16())
+        assert torch.equal(file.read("ids", torch.float32), stored["ids"])  # integers keep their dtype
+        assert file.read("half").dtype == torch.float16
+    with checkpoint_io.open_checkpoint(path) as file:
+        inside_full = file._ranges["full"][0] + 6000  # past the first slice, before the tensor's end
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:inside_full])
+    with checkpoint_io.open_checkpoint(path) as file:
+        file._handle = open(cut, "rb")  # the file shrinks after its header was checked
+        with pytest.raises(CheckpointError, match="became shorter while it was read"):
+            file.read("full", torch.bfloat16)
+        file._handle.close()
