@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -73,6 +74,11 @@ def chapters() -> list[str]:
     for part in toc.get("parts", []):
         files += [entry["file"] for entry in part.get("chapters", [])]
     return [str(Path(f).with_suffix("")) for f in files]
+
+
+def stored_notebook(page: str) -> dict:
+    """The executed notebook of a page of `chapters()` (e.g. "book/05_samplers"), as JSON."""
+    return json.loads((ROOT / f"{page}.ipynb").read_text())
 
 
 BOOK_SOURCES = ("_config.yml", "_toc.yml", "book/*.ipynb", "book/course/*.ipynb", "book/_ext/*.py", "sdlab/**/*.py")
@@ -392,12 +398,6 @@ def test_static_explorers_follow_their_controls(browser, server, chapter):
     finally:
         page.close()
     stored = sum("sdlab-explorer" in "".join(output.get("data", {}).get("text/html", ""))
-                 for cell in _notebook(chapter)["cells"] for output in cell.get("outputs", []))
+                 for cell in stored_notebook(chapter)["cells"] for output in cell.get("outputs", []))
     assert not result["dead"] and not errors, f"{chapter}: {result['dead']} {errors}"
     assert (result["moved"] > 0) == (stored > 0), f"{chapter}: {stored} explorers stored, {result['moved']} moves made"
-
-
-def _notebook(chapter: str) -> dict:
-    import json
-
-    return json.loads((ROOT / f"{chapter}.ipynb").read_text())

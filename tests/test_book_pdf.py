@@ -7,7 +7,6 @@ errors; built now when it is missing or older than its sources) with poppler's `
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -27,15 +26,11 @@ REPRS = ("interactive(children=", "IPython.core.display", "object at 0x", "<Figu
 
 sys.path.insert(0, str(ROOT / "book" / "_ext"))
 from print_book import STATIC, WIDGET_VIEW, add_static_pictures
-from test_book import build_unless_fresh, chapters  # tests/ is on sys.path (conftest.py)
+from test_book import build_unless_fresh, chapters, stored_notebook  # tests/ is on sys.path (conftest.py)
 
 
 def _toc_files() -> list[str]:
     return chapters()[1:]  # the root page is the book's preface: LaTeX does not number it
-
-
-def _notebook(file: str) -> dict:
-    return json.loads((ROOT / f"{file}.ipynb").read_text())
 
 
 def _title(notebook: dict) -> str:
@@ -91,7 +86,7 @@ def test_chapters_numbered_once(pages):
     text = "\n".join(pages)
     offset = None
     for number, file in enumerate(_toc_files(), start=1):
-        title = re.sub(r"^\d+\.\s+", "", _title(_notebook(file)))  # "1. Attention" in the HTML book's sidebar
+        title = re.sub(r"^\d+\.\s+", "", _title(stored_notebook(file)))  # "1. Attention" in the HTML book's sidebar
         entry = re.search(rf"^\s*{number}\s+{_words(title)}\s+(\d+)\s*$", text, re.MULTILINE)
         assert entry, f"contents: no entry '{number} {title}'"
         assert re.search(rf"Chapter {number}\.\s+{_words(title)}\s*$", text, re.MULTILINE), \
@@ -111,7 +106,7 @@ def test_widgets_and_animations_print_as_pictures(pages):
         assert reprs not in text, f"the PDF prints a Python repr instead of a picture: {reprs!r}"
     widgets = players = 0
     for file in _toc_files():
-        for cell in _notebook(file)["cells"]:
+        for cell in stored_notebook(file)["cells"]:
             for output in cell.get("outputs", []):
                 data = output.get("data", {})
                 widgets += WIDGET_VIEW in data
@@ -125,7 +120,7 @@ def test_figures_are_in_place(pdf):
     """Every figure the notebooks print (widgets' and animations' stand-ins included) is in the PDF."""
     figures = 0
     for file in chapters():
-        notebook = _notebook(file)
+        notebook = stored_notebook(file)
         add_static_pictures(notebook)
         figures += sum(any(m in output.get("data", {}) for m in STATIC)
                        for cell in notebook["cells"] for output in cell.get("outputs", []))

@@ -166,3 +166,12 @@ def test_analyzer_flags_empty_images():
         result = analyzer.score("a small red circle in the top left", image)
         assert result["count"] == 0.0 and result["all"] == 0.0
         assert all(result[name] == 0.0 for name in analyzer.ATTRIBUTES)
+
+
+def test_verdict_marks_a_picture_against_its_prompt():
+    image = render(parse_caption("a large red circle in the center"))
+    assert analyzer.verdict("a large red circle in the center", image) == "✓ reads: a large red circle in the center"
+    assert analyzer.verdict("a large blue circle in the center", image) == "✗ reads: a large red circle in the center"
+    assert analyzer.verdict("a red shape", image) == "reads: a large red circle in the center"  # no caption to check
+    assert analyzer.verdict("a large red circle in the center", np.zeros((64, 64, 3), np.uint8)) == \
+        "✗ reads: nothing recognisable"

@@ -422,6 +422,17 @@ def score(prompt_or_scene: str | Scene, image: np.ndarray) -> dict[str, float]:
     return result
 
 
+def verdict(prompt: str, image: np.ndarray) -> str:
+    """One line for a picture: what the analyzer reads in it, after ✓ (every attribute of `prompt`
+    right) or ✗, or without a mark when `prompt` is not a caption of the Shapes grammar."""
+    reading = f"reads: {describe(image) or 'nothing recognisable'}"
+    try:
+        right = score(prompt, image)["all"] == 1
+    except ValueError:  # not a Shapes caption: nothing to check it against
+        return reading
+    return f"{'✓' if right else '✗'} {reading}"
+
+
 def evaluate(prompts, images) -> dict[str, float]:
     """Average `score` over pairs of prompts and images.
 

@@ -408,15 +408,14 @@ glue("order_cfg_helps", "rises" if right["dpmpp_2m", 2.0] > right["dpmpp_2m", 5.
 
 # %%
 from sdlab import pipeline
-from sdlab.tiny.analyzer import describe, score
+from sdlab.tiny.analyzer import verdict
 
 EXPLORE_PROMPT = "a small red circle to the left of a large blue square"
 
 def sampler_frame(sampler_name, steps, cfg_scale):
     picture = pipeline.generate(EXPLORE_PROMPT, models=tiny, seed=4, sampler_name=sampler_name, n_inference_steps=steps,
                                 cfg_scale=cfg_scale, height=64, width=64, progress=False)
-    right = score(EXPLORE_PROMPT, picture)["all"] == 1
-    return picture, f"{'✓' if right else '✗'} reads: {describe(picture) or 'nothing recognisable'}"
+    return picture, verdict(EXPLORE_PROMPT, picture)
 
 explorer(sampler_frame, {"sampler_name": ["ddim", "euler", "euler_a", "dpmpp_2m"], "steps": [4, 10, 25],
                          "cfg_scale": [2.0, 7.5]}, start={"steps": 10, "cfg_scale": 7.5},

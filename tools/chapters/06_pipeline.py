@@ -223,6 +223,7 @@ plt.show()
 # %%
 import ipywidgets as widgets
 from sdlab.explorer import explorer
+from sdlab.tiny import analyzer
 from sdlab.tiny.analyzer import describe, score
 
 def encode(prompt, negative=""):
@@ -230,15 +231,8 @@ def encode(prompt, negative=""):
         return pipeline.encode_prompts(tokenizer, clip, [prompt, negative], DEVICE)
 
 def verdict(prompt, picture):
-    """What the analyzer reads in a tiny-model picture; ✓/✗ when `prompt` is a caption it can check."""
-    if REAL:
-        return ""
-    reading = describe(picture) or "nothing recognisable"
-    try:
-        right = score(prompt, picture)["all"] == 1
-    except ValueError:  # not a caption of the Shapes grammar: the reading only
-        return f"reads: {reading}"
-    return f"{'✓' if right else '✗'} reads: {reading}"
+    """For the tiny model, what the analyzer reads in `picture` (✓/✗ against `prompt`); SD1.5: nothing."""
+    return "" if REAL else analyzer.verdict(prompt, picture)
 
 def prompt_frame(prompt, cfg_scale, seed=2):
     picture = make_image(encode(prompt), seed=seed, cfg_scale=cfg_scale)
@@ -437,9 +431,10 @@ if not REAL:
 if not REAL:
     from sdlab import edit, viz
 
-    def psnr(a, b):
-        mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean()
-        return 10 * np.log10(255**2 / mse)
+    from sdlab.tiny.evaluate import psnr as psnr_of_tensors
+
+    def psnr(a, b):  # dB, for two uint8 pictures (chapter 7's measure)
+        return float(psnr_of_tensors(shapes.to_tensor(a)[None], shapes.to_tensor(b)[None]))
 
     INVERT_PROMPT, EDIT_PROMPT = "a large blue circle in the center", "a large yellow circle in the center"
     drawn = shapes.render(shapes.parse_caption(INVERT_PROMPT), SIZE)
