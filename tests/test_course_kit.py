@@ -38,8 +38,9 @@ import build_slides  # noqa: E402
 import lint_chapters  # noqa: E402
 from test_book import browser  # noqa: E402,F401  (the fixture: Debian's chromium driven by Playwright)
 
-from sdlab import attention, config, model_loader, pipeline, samplers, tokenizer  # noqa: E402
+from sdlab import attention, config, lora, model_loader, pipeline, samplers, tokenizer  # noqa: E402
 from sdlab.diffusion import get_time_embedding  # noqa: E402
+from sdlab.tiny import finetune  # noqa: E402
 
 QUIZZES = ROOT / "book" / "quizzes"
 PAGE = ROOT / "book" / "course" / "instructors.ipynb"
@@ -97,6 +98,24 @@ def _unet_batches(**generate) -> list[int]:
     return batches
 
 
+def _lora_numbers(rank: int, d_in: int, d_out: int) -> int:
+    """The numbers of sdlab's adapter on a `d_in` -> `d_out` layer, as `finetune.attention_adapters` makes them."""
+    layer = torch.nn.Linear(d_in, d_out)
+    target = lora.Target("diffusion", "layer", None)
+    adapter = lora.Adapter(target, torch.zeros(rank, layer.in_features), torch.zeros(layer.out_features, rank), 1.0)
+    assert adapter.delta(layer.weight.shape).shape == layer.weight.shape
+    return adapter.down.numel() + adapter.up.numel()
+
+
+def _kohya_scalar_key() -> str:
+    """The suffix of the one scalar per layer in the kohya file `lora.lora_state_dict` writes."""
+    models = _tiny()
+    adapters = finetune.attention_adapters(models, rank=2, alpha=2.0)
+    state = lora.lora_state_dict(models, adapters)
+    (suffix,) = {key.split(".", 1)[1] for key, value in state.items() if value.ndim == 0}
+    return suffix
+
+
 def _bench(component: str, impl: str) -> float:
     data = json.loads((ROOT / "sdlab" / "data" / "bench_sd15_cpu.json").read_text())
     rows = data["components"] if component else data["image"]
@@ -144,6 +163,9 @@ ANSWERS = {
     ("08_speed", "bf16-step"): lambda p: f"{_bench('U-Net step', 'sdlab') / _bench('U-Net step', 'sdlab bf16'):.1f}×",
     ("08_speed", "faster-image"): lambda p: "sdlab" if _bench("", "sdlab") < _bench("", "diffusers") else "diffusers",
     ("08_speed", "default-backend"): lambda p: attention.current_backend()[0],
+    ("09_finetune", "ti-numbers"): lambda p: f"{_meta_clip().embedding.token_embedding.embedding_dim:,}",
+    ("09_finetune", "lora-numbers"): lambda p: f"{_lora_numbers(p['rank'], p['d_in'], p['d_out']):,}",
+    ("09_finetune", "kohya-scale"): lambda p: _kohya_scalar_key(),
 }
 
 

@@ -13,9 +13,10 @@ from sdlab.tiny.data import (
     SHAPES,
     SIZES,
     Scene,
-    ShapeSpec,
     ShapesDataset,
+    ShapeSpec,
     caption,
+    caption_variants,
     heldout_prompts,
     is_heldout,
     parse_caption,
@@ -68,8 +69,10 @@ def test_caption_round_trip():
 @pytest.mark.parametrize(
     "text",
     [
-        "a small red circle",
         "a huge red circle in the center",
+        "a red shape",
+        "two circles above a square",
+        "a red circle in the top",
         "a red circle near a blue square",
         "",
     ],
@@ -77,6 +80,49 @@ def test_caption_round_trip():
 def test_parse_caption_rejects_other_text(text):
     with pytest.raises(ValueError):
         parse_caption(text)
+
+
+def test_paraphrases_are_true_to_their_scene():
+    scenes = sample_scenes(400, seed=2, split=None)
+    variants = caption_variants(scenes, 4, seed=2)
+    assert [texts[0] for texts in variants] == [caption(scene) for scene in scenes]
+    said = [text for texts in variants for text in texts[1:]]
+    assert len(set(said)) > 600  # variety, not a handful of templates
+    for scene, texts in zip(scenes, variants):
+        for text in texts:
+            parsed = parse_caption(text)  # every paraphrase is in the grammar ...
+            assert len(parsed.objects) == len(scene.objects), text
+            for wanted, said_obj in zip(scene.objects, parsed.objects):  # ... and says nothing false
+                for name in ("shape", "colour", "size", "position"):
+                    assert getattr(said_obj, name) in (None, getattr(wanted, name)), (text, name)
+    assert caption_variants(scenes[:20], 4, seed=2) == variants[:20]
+    parsed = [parse_caption(text) for text in said]
+    plain = [p for p in parsed if len(p.objects) == 1 and p.objects[0].size is None and p.objects[0].position is None]
+    assert len(plain) > 100  # "a red circle": what a reader types first
+    assert sum(len(p.objects) == 2 and p.relation is None for p in parsed) > 10  # "two circles"
+    assert any(" big " in f" {text} " for text in said) and any("in the middle" in text for text in said)
+
+
+def test_plain_prompts_parse_with_unsaid_attributes_as_any():
+    assert parse_caption("a red circle") == Scene((ShapeSpec("circle", "red", None, None),))
+    assert parse_caption("One BIG square in the middle") == Scene((ShapeSpec("square", None, "large", "center"),))
+    two = parse_caption("two tiny green triangles")
+    assert two.relation is None and two.objects == (ShapeSpec("triangle", "green", "small", None),) * 2
+    pair = parse_caption("the blue circle under a big square")
+    assert pair.relation == "below" and pair.objects[1] == ShapeSpec("square", None, "large", "top")
+    with pytest.raises(ValueError, match="leaves out"):
+        render(parse_caption("a red circle"))
+
+
+def test_score_counts_only_what_the_prompt_says():
+    image = render(parse_caption("a large red circle in the center"))
+    plain = analyzer.score("a red circle", image)
+    assert set(plain) == {"count", "colour", "shape", "all"} and plain["all"] == 1.0
+    assert analyzer.score("a blue circle", image)["all"] == 0.0
+    assert analyzer.score("two circles", image) == {"count": 0.0, "shape": 0.5, "all": 0.0}
+    pair = render(parse_caption("a large red circle to the left of a small red circle"))
+    assert analyzer.score("two red circles", pair)["all"] == 1.0
+    assert analyzer.score("a red circle", pair)["count"] == 0.0  # a singular noun is one object
 
 
 def test_scene_validation():

@@ -391,7 +391,9 @@ def score(prompt_or_scene: str | Scene, image: np.ndarray) -> dict[str, float]:
 
     - `count`: 1 if the image holds exactly as many objects as the prompt;
     - `colour`, `shape`, `size`, `position`: the fraction of the prompt's objects
-      whose matched detection has the right value (a missing object counts as wrong);
+      whose matched detection has the right value (a missing object counts as wrong),
+      over the objects whose prompt names that attribute (absent if none does: "a red
+      circle" is scored on count, colour and shape);
     - `relation` (two-object prompts only): 1 if both objects are found and stand in
       the right left/right or above/below order;
     - `all`: 1 if the count and every attribute of every object are right.
@@ -408,8 +410,10 @@ def score(prompt_or_scene: str | Scene, image: np.ndarray) -> dict[str, float]:
         hits = [
             found_obj is not None and getattr(found_obj, name) == getattr(wanted, name)
             for wanted, found_obj in zip(expected.objects, matched)
+            if getattr(wanted, name) is not None  # an attribute the prompt leaves out is not scored
         ]
-        result[name] = float(np.mean(hits))
+        if hits:
+            result[name] = float(np.mean(hits))
     if expected.relation is not None:
         first, second = matched
         ok = False
@@ -418,19 +422,21 @@ def score(prompt_or_scene: str | Scene, image: np.ndarray) -> dict[str, float]:
             before = first.centre[axis] < second.centre[axis]
             ok = before == (expected.relation in ("to the left of", "above"))
         result["relation"] = float(ok)
-    result["all"] = float(all(result[name] == 1.0 for name in ("count", *ATTRIBUTES)))
+    result["all"] = float(all(value == 1.0 for key, value in result.items() if key != "relation"))
     return result
 
 
 def verdict(prompt: str, image: np.ndarray) -> str:
     """One line for a picture: what the analyzer reads in it, after ✓ (every attribute of `prompt`
-    right) or ✗, or without a mark when `prompt` is not a caption of the Shapes grammar."""
-    reading = f"reads: {describe(image) or 'nothing recognisable'}"
+    right) or ✗, or without a mark when `prompt` is not a caption of the Shapes grammar. A prompt
+    that names a shape of `data.NOVEL_SHAPES` is read with `novel=True`."""
     try:
-        right = score(prompt, image)["all"] == 1
+        expected = parse_caption(prompt)
     except ValueError:  # not a Shapes caption: nothing to check it against
-        return reading
-    return f"{'✓' if right else '✗'} {reading}"
+        return f"reads: {describe(image) or 'nothing recognisable'}"
+    novel = any(obj.shape in NOVEL_SHAPES for obj in expected.objects)
+    reading = f"reads: {describe(image, novel=novel) or 'nothing recognisable'}"
+    return f"{'✓' if score(expected, image)['all'] == 1 else '✗'} {reading}"
 
 
 def evaluate(prompts, images) -> dict[str, float]:

@@ -24,6 +24,8 @@ def train_parser(parser=None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="sdlab train", description="Train the tiny Stable Diffusion on Shapes.")
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINT), help="where to write the weights (.safetensors)")
     p.add_argument("--state", default=None, help="training-state file for resuming (optimizer, step, EMA)")
+    p.add_argument("--init", default=None, help="start from this checkpoint: keep its VAE, train its text encoder "
+                   "and U-Net on for --unet-steps")
     for setting in dataclasses.fields(TrainSettings):  # --seed, --n-images, --vae-steps, ...
         p.add_argument("--" + setting.name.replace("_", "-"), type=type(setting.default), default=setting.default)
     p.add_argument("--stop-after", type=int, default=None, help="stop after N steps (resume later with --state)")
@@ -50,7 +52,7 @@ def evaluate_parser(parser=None) -> argparse.ArgumentParser:
 def main_train(argv=None) -> int:
     args = train_parser().parse_args(argv)
     settings = TrainSettings(**{s.name: getattr(args, s.name) for s in dataclasses.fields(TrainSettings)})
-    result = train(out=args.out, state_path=args.state, settings=settings, stop_after=args.stop_after,
+    result = train(out=args.out, state_path=args.state, settings=settings, init=args.init, stop_after=args.stop_after,
                    threads=args.threads, progress=not args.no_progress)
     if result is None:
         return 0
@@ -82,6 +84,7 @@ def finetune_parser(parser=None) -> argparse.ArgumentParser:
             p.add_argument(f"--{prefix}-" + setting.name.replace("_", "-"), type=type(setting.default),
                            default=setting.default, dest=f"{prefix}_{setting.name}")
     p.add_argument("--n-eval", type=int, default=60, help="evaluation prompts per figure (at most 60)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files an earlier run wrote into --out-dir")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's)")
     return p
 
@@ -92,6 +95,6 @@ def main_finetune(argv=None) -> int:
         torch.set_num_threads(args.threads)
     inversion = InversionSettings(**{f.name: getattr(args, f"ti_{f.name}") for f in dataclasses.fields(InversionSettings)})
     lora = LoraSettings(**{f.name: getattr(args, f"lora_{f.name}") for f in dataclasses.fields(LoraSettings)})
-    run_finetune(args.out_dir, args.report, inversion, lora, n_eval=args.n_eval)
+    run_finetune(args.out_dir, args.report, inversion, lora, n_eval=args.n_eval, overwrite=args.overwrite)
     return 0
 

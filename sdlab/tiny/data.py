@@ -16,7 +16,11 @@ Every image is drawn from a `Scene`: one or two `ShapeSpec` objects, each with
 | `size`     | small, large                                                          |
 | `position` | a 3x3 grid: top left, top, top right, left, center, right, bottom ... |
 
-Because the caption determines every attribute, a generated image can be *read back*
+Training also says each scene in other words (`paraphrase`: "a red circle", "two big squares",
+"a tiny blue triangle under a circle"): true to the picture, but maybe incomplete, so that a word
+left out means "any". `parse_caption` reads both forms.
+
+Because the caption determines every attribute it names, a generated image can be *read back*
 by a deterministic analyzer (`sdlab.tiny.analyzer`) and compared with its prompt: this is
 how we measure whether the model follows the text.
 
@@ -133,27 +137,30 @@ def grid_to_position(row: int, column: int) -> str:
 class ShapeSpec:
     """One object of a scene.
 
-    `shape`, `colour`, `size` and `position` are words of the vocabulary above. The
+    `shape`, `colour`, `size` and `position` are words of the vocabulary above; in a parsed prompt
+    (`parse_caption`) all but the shape may be `None`, "any". The
     small random `offset` (fraction of the image side, `(dx, dy)`) and `scale` factor
     only add variety to the pixels: they are *not* part of the caption, so they are
     ignored when comparing two specs (`compare=False`).
     """
 
     shape: str
-    colour: str
-    size: str
-    position: str
+    colour: str | None
+    size: str | None
+    position: str | None
     offset: tuple[float, float] = field(default=(0.0, 0.0), compare=False)
     scale: float = field(default=1.0, compare=False)
 
     def __post_init__(self) -> None:
+        if self.shape is None:
+            raise ValueError("an object needs a shape")
         for value, vocabulary in (
             (self.shape, SHAPES + NOVEL_SHAPES),
             (self.colour, COLOURS),
             (self.size, SIZES),
             (self.position, POSITIONS),
         ):
-            if value not in vocabulary:
+            if value is not None and value not in vocabulary:
                 raise ValueError(f"unknown attribute {value!r}; expected one of {vocabulary}")
 
 
@@ -175,10 +182,12 @@ class Scene:
             if self.relation is not None:
                 raise ValueError("a single-object scene has no relation")
         elif len(self.objects) == 2:
+            actual = (self.objects[0].position, self.objects[1].position)
+            if self.relation is None and actual == (None, None):  # "two circles": placed either way
+                return
             if self.relation not in RELATIONS:
                 raise ValueError(f"two objects need a relation in {tuple(RELATIONS)}")
             expected = RELATIONS[self.relation]
-            actual = (self.objects[0].position, self.objects[1].position)
             if actual != expected:
                 raise ValueError(f"relation {self.relation!r} needs positions {expected}")
         else:
@@ -246,16 +255,87 @@ def sample_scenes(n: int, seed: int = 0, split: str | None = "train", **kwargs) 
 
 
 def _noun_phrase(obj: ShapeSpec) -> str:
-    return f"a {obj.size} {obj.colour} {obj.shape}"
+    return " ".join(w for w in ("a", obj.size, obj.colour, obj.shape) if w)
 
 
 def caption(scene: Scene) -> str:
-    """The canonical caption of a scene, e.g. `"a small red circle in the top left"`."""
+    """The canonical caption of a scene, e.g. `"a small red circle in the top left"` (attributes that
+    are `None` left out)."""
+    if len(scene.objects) == 1:
+        obj = scene.objects[0]
+        return " ".join(w for w in (_noun_phrase(obj), POSITION_PHRASES.get(obj.position)) if w)
+    first, second = scene.objects
+    if scene.relation is None:
+        return " ".join(w for w in ("two", first.size, first.colour, first.shape + "s") if w)
+    return f"{_noun_phrase(first)} {scene.relation} {_noun_phrase(second)}"
+
+
+# How else a reader says things. Training captions are drawn from these with attributes left out
+# (`paraphrase`), so that the model also follows "a red circle" or "two big squares": a word left out
+# means "any", and a singular noun means one object.
+SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "tiny", "little"), "large": ("large", "big")}
+POSITION_WORDS: dict[str, tuple[str, ...]] = {
+    "top left": ("in the top left", "at the top left", "in the top left corner"),
+    "top": ("at the top", "at the top center"),
+    "top right": ("in the top right", "at the top right", "in the top right corner"),
+    "left": ("on the left", "to the left", "at the left"),
+    "center": ("in the center", "in the middle", "at the center"),
+    "right": ("on the right", "to the right", "at the right"),
+    "bottom left": ("in the bottom left", "at the bottom left", "in the bottom left corner"),
+    "bottom": ("at the bottom", "at the bottom center"),
+    "bottom right": ("in the bottom right", "at the bottom right", "in the bottom right corner"),
+}
+RELATION_WORDS: dict[str, tuple[str, ...]] = {
+    "to the left of": ("to the left of", "left of", "on the left of"),
+    "to the right of": ("to the right of", "right of", "on the right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under", "beneath"),
+}
+# How often `paraphrase` leaves an attribute out of a one-object caption (two-object: half as often).
+OMIT = {"size": 0.5, "colour": 0.25, "position": 0.5}
+
+
+def _say(rng: np.random.Generator, words: tuple[str, ...]) -> str:
+    return words[rng.integers(len(words))]
+
+
+def _paraphrase_noun(rng: np.random.Generator, obj: ShapeSpec, omit: float) -> str:
+    words = [_say(rng, ("a", "a", "one", "the")) if rng.random() < 0.85 else ""]  # or no article
+    if rng.random() >= OMIT["size"] * omit:
+        words.append(_say(rng, SIZE_WORDS[obj.size]))
+    if rng.random() >= OMIT["colour"] * omit:
+        words.append(obj.colour)
+    words.append(obj.shape)
+    return " ".join(w for w in words if w)
+
+
+def paraphrase(scene: Scene, rng: np.random.Generator) -> str:
+    """A random way of saying `scene`, true to it but maybe incomplete: synonyms ("big", "in the
+    middle", "under"), with or without an article, some attributes left out ("a red circle"), and
+    "two/a pair of ... circles" for two objects of one shape. `caption(scene)` is the full form."""
     if scene.relation is None:
         obj = scene.objects[0]
-        return f"{_noun_phrase(obj)} {POSITION_PHRASES[obj.position]}"
+        text = _paraphrase_noun(rng, obj, 1.0)
+        if rng.random() >= OMIT["position"]:
+            text += " " + _say(rng, POSITION_WORDS[obj.position])
+        return text
     first, second = scene.objects
-    return f"{_noun_phrase(first)} {scene.relation} {_noun_phrase(second)}"
+    if first.shape == second.shape and rng.random() < 0.5:  # "two (large) (red) circles": the shared words only
+        words = [_say(rng, ("two", "two", "a pair of"))]
+        if first.size == second.size and rng.random() < 0.5:
+            words.append(_say(rng, SIZE_WORDS[first.size]))
+        if first.colour == second.colour and rng.random() < 0.75:
+            words.append(first.colour)
+        return " ".join(words + [first.shape + "s"])
+    relation = _say(rng, RELATION_WORDS[scene.relation])
+    return f"{_paraphrase_noun(rng, first, 0.5)} {relation} {_paraphrase_noun(rng, second, 0.5)}"
+
+
+def caption_variants(scenes, n: int, seed: int = 0) -> list[list[str]]:
+    """For each scene, `n` captions: the full `caption` first, then `n - 1` paraphrases drawn from a
+    generator seeded by `(seed, 4)`."""
+    rng = np.random.default_rng([seed, 4])
+    return [[caption(scene)] + [paraphrase(scene, rng) for _ in range(n - 1)] for scene in _scene_list(scenes)]
 
 
 def _alternatives(words) -> str:
@@ -263,32 +343,49 @@ def _alternatives(words) -> str:
     return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
 
 
-_NOUN = rf"a ({_alternatives(SIZES)}) ({_alternatives(COLOURS)}) ({_alternatives(SHAPES)})"
-_SINGLE_RE = re.compile(rf"{_NOUN} ({_alternatives(POSITION_PHRASES.values())})")
-_PAIR_RE = re.compile(rf"{_NOUN} ({_alternatives(RELATIONS)}) {_NOUN}")
-_PHRASE_TO_POSITION = {phrase: name for name, phrase in POSITION_PHRASES.items()}
+def _lookup(table: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    return {word: name for name, words in table.items() for word in words}
+
+
+_SIZE_OF, _POSITION_OF, _RELATION_OF = _lookup(SIZE_WORDS), _lookup(POSITION_WORDS), _lookup(RELATION_WORDS)
+_NOUN = (rf"(?:(?:an?|one|the) )?(?:({_alternatives(_SIZE_OF)}) )?(?:({_alternatives(COLOURS)}) )?"
+         rf"({_alternatives(SHAPES + NOVEL_SHAPES)})")
+_SINGLE_RE = re.compile(rf"{_NOUN}(?: ({_alternatives(_POSITION_OF)}))?")
+_PAIR_RE = re.compile(rf"{_NOUN} ({_alternatives(_RELATION_OF)}) {_NOUN}")
+_TWO_RE = re.compile(rf"(?:two|a pair of) (?:({_alternatives(_SIZE_OF)}) )?(?:({_alternatives(COLOURS)}) )?"
+                     rf"({_alternatives(SHAPES + NOVEL_SHAPES)})s")
+
+
+def _spec(size, colour, shape, position) -> ShapeSpec:
+    return ShapeSpec(shape, colour, _SIZE_OF.get(size), position)
 
 
 def parse_caption(text: str) -> Scene:
-    """Inverse of `caption`: turn a prompt back into a `Scene` (without jitter).
+    """Inverse of `caption` and `paraphrase`: turn a prompt back into a `Scene` (without jitter). An
+    attribute the prompt leaves out is `None` ("any"): "a red circle" is one red circle of any size,
+    anywhere; "two squares" are two squares side by side or one above the other.
 
-    Case and surrounding whitespace are ignored; anything that is not a caption of the
-    grammar above raises `ValueError`.
+    Case and surrounding whitespace are ignored; anything that is not a prompt of the grammar above
+    raises `ValueError`.
     """
     text = " ".join(text.lower().split())
     if match := _SINGLE_RE.fullmatch(text):
         size, colour, shape, phrase = match.groups()
-        obj = ShapeSpec(shape, colour, size, _PHRASE_TO_POSITION[phrase])
-        return Scene((obj,))
+        return Scene((_spec(size, colour, shape, _POSITION_OF.get(phrase)),))
     if match := _PAIR_RE.fullmatch(text):
         size1, colour1, shape1, relation, size2, colour2, shape2 = match.groups()
+        relation = _RELATION_OF[relation]
         position1, position2 = RELATIONS[relation]
-        objects = (
-            ShapeSpec(shape1, colour1, size1, position1),
-            ShapeSpec(shape2, colour2, size2, position2),
-        )
-        return Scene(objects, relation)
+        return Scene((_spec(size1, colour1, shape1, position1), _spec(size2, colour2, shape2, position2)), relation)
+    if match := _TWO_RE.fullmatch(text):
+        obj = _spec(*match.groups(), None)
+        return Scene((obj, obj))
     raise ValueError(f"not a Shapes caption: {text!r}")
+
+
+def is_complete(scene: Scene) -> bool:
+    """`True` if the scene fixes every attribute of every object (it can be rendered)."""
+    return all(None not in (o.shape, o.colour, o.size, o.position) for o in scene.objects)
 
 
 # --------------------------------------------------------------------------------------
@@ -341,6 +438,8 @@ def coverage(obj: ShapeSpec, size: int) -> tuple[np.ndarray, tuple[slice, slice]
 
 def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     """Draw a scene as an `(size, size, 3)` `uint8` RGB image."""
+    if not is_complete(scene):
+        raise ValueError(f"cannot draw {caption(scene)!r}: it leaves out a size, colour or position")
     image = np.full((size, size, 3), float(scene.background), dtype=np.float32)
     for obj in scene.objects:
         cover, window = coverage(obj, size)

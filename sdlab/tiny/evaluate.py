@@ -3,8 +3,10 @@ r"""How well the tiny model follows prompts: generate many Shapes images at once
 `evaluate_checkpoint` (`python -m sdlab evaluate`) loads a checkpoint through the public loader,
 generates one image per held-out prompt (every one uses an attribute combination never seen in
 training) for several samplers and step counts, reads each image back with `sdlab.tiny.analyzer`
-and reports the fraction right per attribute; then the same on train-split prompts, the VAE's
-reconstruction PSNR and the time of one 64x64 image through `pipeline.generate`.
+and reports the fraction right per attribute; then the same on train-split prompts and on the
+`prompt_families` (plain prompts such as "a red circle", two-object prompts with a held-out
+pair, held-out scenes said in free words), the VAE's reconstruction PSNR and the time of one
+64x64 image through `pipeline.generate`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,18 @@ import torch
 
 from ..model_loader import DEFAULT_CHECKPOINT, preload_models_from_standard_weights
 from ..samplers import make_sampler
-from .data import IMAGE_SIZE, ShapesDataset, heldout_prompts, to_tensor, train_prompts
+from .data import (
+    COLOURS,
+    HELDOUT_COLOUR_SHAPE,
+    IMAGE_SIZE,
+    SHAPES,
+    ShapesDataset,
+    heldout_prompts,
+    paraphrase,
+    sample_scenes,
+    to_tensor,
+    train_prompts,
+)
 
 DEFAULT_RUNS = (("dpmpp_2m", 20), ("dpmpp_2m", 10), ("ddim", 20), ("ddim", 50), ("euler", 20), ("euler_a", 20),
                 ("ddpm", 50))
@@ -99,6 +112,27 @@ def evaluate_models(models: dict, prompts: list[str], seeds: list[int], runs, cf
     return results
 
 
+def prompt_families(n: int, seed: int = 0) -> dict[str, list[str]]:
+    """`n` prompts of each family the report measures besides the template held-out prompts:
+
+    - `plain`: "a red circle", every colour and shape (the held-out pairs too) in turn, no size, no
+      position, as a reader types first;
+    - `plain_heldout_pairs`: the same for the held-out colour-shape pairs only ("a red square");
+    - `two_object_heldout`: template two-object prompts, each with a held-out pair;
+    - `paraphrased_heldout`: held-out scenes said with `data.paraphrase` (synonyms, attributes left
+      out, "two circles"), from a stream of its own.
+    """
+    pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+    heldout_pairs = [pair for pair in pairs if pair in HELDOUT_COLOUR_SHAPE]
+    rng = np.random.default_rng([seed, 6])
+    return {
+        "plain": [f"a {colour} {shape}" for colour, shape in (pairs[i % len(pairs)] for i in range(n))],
+        "plain_heldout_pairs": [f"a {c} {s}" for c, s in (heldout_pairs[i % len(heldout_pairs)] for i in range(n))],
+        "two_object_heldout": heldout_prompts(n, seed=seed + 3, two_object_prob=1.0),
+        "paraphrased_heldout": [paraphrase(scene, rng) for scene in sample_scenes(n, seed + 5, "heldout")],
+    }
+
+
 def time_generate(models: dict, prompt: str = "a large red circle in the center", n: int = 5,
                   steps: int = 20, sampler_name: str = "dpmpp_2m") -> float:
     """Median seconds for one 64x64 image through the public `pipeline.generate` (CFG, batch 1)."""
@@ -129,6 +163,10 @@ def evaluate_checkpoint(ckpt=None, n_prompts: int = 200, seed: int = 0, cfg_scal
     log("train-split prompts:")
     seen = evaluate_models(models, train_prompts(n_prompts, seed=seed + 7), seeds, [("dpmpp_2m", 20)], cfg_scale,
                            log=log)
+    families = {}
+    for name, family in prompt_families(n_prompts, seed).items():
+        log(f"{name} prompts, e.g. {family[0]!r}:")
+        families[name] = evaluate_models(models, family, seeds, [("dpmpp_2m", 20)], cfg_scale, log=log)[0]
     images = to_tensor(ShapesDataset(500, seed=seed + 1, split="heldout", size=IMAGE_SIZE).images())
     value_psnr = vae_psnr(models["encoder"], models["decoder"], images)
     seconds = time_generate(models)
@@ -139,6 +177,7 @@ def evaluate_checkpoint(ckpt=None, n_prompts: int = 200, seed: int = 0, cfg_scal
         "parameters": count_parameters(models),
         "heldout": heldout,
         "train_split": seen,
+        "families": families,
         "vae_psnr_db": round(value_psnr, 2),
         "seconds_per_64px_image": round(seconds, 3),
         "timing_note": f"pipeline.generate, dpmpp_2m 20 steps with CFG, {torch.get_num_threads()} CPU threads",

@@ -51,13 +51,14 @@ from .. import lora
 from ..clip import add_token_embeddings
 from ..ddpm import DDPMSampler
 from ..errors import ArgumentError, CheckpointError
-from .analyzer import detect
 from .data import (
     NOVEL_SHAPES,
     SHAPES,
     Scene,
     caption,
+    caption_variants,
     concept_scenes,
+    parse_caption,
     render,
     sample_scenes,
     to_tensor,
@@ -76,6 +77,7 @@ class InversionSettings:
     init_word: str = "square"  # the new row starts as this word's
     size: str = "large"  # the tiny VAE cannot hold a small diamond (it decodes a drop)
     n_images: int = 32
+    caption_variants: int = 2  # captions per picture: the full one and a paraphrase ("a red <diamond>")
     steps: int = 600
     batch: int = 16
     lr: float = 0.03
@@ -91,6 +93,7 @@ class LoraSettings:
     size: str = "large"
     n_images: int = 32
     prior_images: int = 32  # pictures of the training distribution mixed in, so the rest stays (0: none)
+    caption_variants: int = 2  # captions per picture: the full one and a paraphrase
     rank: int = 4
     alpha: float = 4.0
     steps: int = 400
@@ -103,7 +106,7 @@ def _check_settings(settings, kind) -> None:
     """`ArgumentError` naming the field, for counts and rates out of range."""
     if not isinstance(settings, kind):
         raise ArgumentError(f"settings must be a {kind.__name__}, not {type(settings).__name__}")
-    for name in ("n_images", "steps", "batch") + (("rank",) if kind is LoraSettings else ()):
+    for name in ("n_images", "caption_variants", "steps", "batch") + (("rank",) if kind is LoraSettings else ()):
         value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ArgumentError(f"{kind.__name__}.{name} must be a positive int; got {value!r}")
@@ -116,22 +119,25 @@ def _check_settings(settings, kind) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def say(scene: Scene, words: dict[str, str]) -> str:
-    """The scene's caption with some words replaced: `{"diamond": "<diamond>"}` gives
+def say(text: str | Scene, words: dict[str, str]) -> str:
+    """A caption (or a scene's `caption`) with some words replaced: `{"diamond": "<diamond>"}` gives
     "a large red <diamond> in the center", a caption with textual inversion's new token."""
-    return " ".join(words.get(word, word) for word in caption(scene).split())
+    text = caption(text) if isinstance(text, Scene) else text
+    return " ".join(words.get(word, word) for word in text.split())
 
 
-def concept_data(models: dict, tokenizer, scenes: list[Scene], words: dict[str, str], seed: int) -> dict:
-    """Latents (n, 4, 8, 8), scaled as the U-Net sees them (one posterior sample, seeded), and token
-    ids (n, 77) of the captions that say the concept with `words`."""
+def concept_data(models: dict, tokenizer, scenes: list[Scene], words: dict[str, str], seed: int,
+                 variants: int = 1) -> dict:
+    """Latents (n * variants, 4, 8, 8), scaled as the U-Net sees them (one posterior sample, seeded),
+    and token ids (n * variants, 77): each picture with its `variants` captions (`data.caption_variants`:
+    the full caption, then paraphrases such as "a red diamond"), the concept said with `words`."""
     images = to_tensor(np.stack([render(scene) for scene in scenes]))  # (n, 64, 64, 3) -> (n, 3, 64, 64)
     mean, logvar = encode_latents(models["encoder"], images)
     noise = torch.randn(mean.shape, generator=step_generator(seed, 9, -1))
     latents = (mean + torch.exp(0.5 * logvar) * noise) * models["decoder"].config.scale_factor
-    captions = [say(scene, words) for scene in scenes]
+    captions = [say(text, words) for texts in caption_variants(scenes, variants, seed) for text in texts]
     tokens = torch.tensor(tokenizer(captions, padding="max_length", max_length=77, truncation=True).input_ids)
-    return {"latents": latents, "tokens": tokens, "captions": captions}
+    return {"latents": latents.repeat_interleave(variants, dim=0), "tokens": tokens, "captions": captions}
 
 
 @torch.no_grad()
@@ -204,7 +210,8 @@ def train_inversion(models: dict, settings: InversionSettings | None = None, log
         raise ArgumentError(f"the text encoder has {clip.embedding.token_embedding.num_embeddings} rows, the "
                             f"tokenizer {token_id}: train on models without added tokens")
     scenes = concept_scenes(settings.n_images, settings.seed, shape=settings.shape, size=settings.size)
-    data = concept_data(models, tokenizer, scenes, {settings.shape: settings.token}, settings.seed)
+    data = concept_data(models, tokenizer, scenes, {settings.shape: settings.token}, settings.seed,
+                        settings.caption_variants)
     vector = nn.Parameter(clip.embedding.token_embedding.weight[init_ids[0]].detach().clone())
     encode = _with_row(clip, vector)
     before = fixed_loss(encode, diffusion, data)
@@ -315,7 +322,7 @@ def train_lora(models: dict, settings: LoraSettings | None = None, log=print) ->
         raise ArgumentError(f"LoraSettings.prior_images must be an int >= 0; got {settings.prior_images!r}")
     scenes = concept_scenes(settings.n_images, settings.seed, shape=settings.shape, size=settings.size)
     scenes += sample_scenes(settings.prior_images, settings.seed, "train")  # prior preservation
-    data = concept_data(models, load_tokenizer(), scenes, {}, settings.seed)
+    data = concept_data(models, load_tokenizer(), scenes, {}, settings.seed, settings.caption_variants)
     adapters = attention_adapters(models, settings.rank, settings.alpha, settings.seed)
     params = [p for a in adapters for p in (a.down, a.up)]
     clip, diffusion = models["clip"], models["diffusion"]
@@ -357,22 +364,9 @@ def generate(models: dict, tokenizer, prompts: list[str], seeds: list[int], step
                                           cfg_scale, tokenizer) for i in range(0, len(prompts), batch)])
 
 
-def read_objects(images: np.ndarray, shape: str | None = None, colour: str | None = None) -> dict[str, float]:
-    """What the analyzer (`novel=True`) reads in images of one object: the fraction with exactly one
-    object (`one`), with the right `shape` / `colour` (among the images with one object or more: the
-    largest), and `both` (one object, right shape and colour)."""
-    counts = {"one": 0, "shape": 0, "colour": 0, "both": 0}
-    for image in images:
-        found = sorted(detect(image, novel=True), key=lambda obj: -obj.area)
-        if not found:
-            continue
-        main = found[0]
-        counts["one"] += len(found) == 1
-        shape_ok, colour_ok = shape is None or main.shape == shape, colour is None or main.colour == colour
-        counts["shape"] += shape_ok
-        counts["colour"] += colour_ok
-        counts["both"] += len(found) == 1 and shape_ok and colour_ok
-    return {key: round(value / len(images), 4) for key, value in counts.items()} | {"n": len(images)}
+def plain_scenes(scenes: list[Scene]) -> list[Scene]:
+    """The scenes as a reader says them first, colour and shape only: "a red diamond"."""
+    return [parse_caption(f"a {scene.objects[0].colour} {scene.objects[0].shape}") for scene in scenes]
 
 
 def template_rates(models, tokenizer, scenes: list[Scene], words: dict[str, str], seeds: list[int]) -> dict:
@@ -400,12 +394,12 @@ def _summary(result: dict) -> dict:
 def inversion_report(models: dict, settings: InversionSettings, out_dir: Path, n_eval: int, log=print) -> dict:
     """Train the embedding, save it, load it back from the file into a fresh tokenizer and the models,
     and read the prompts with the analyzer: the template ("a large red <diamond> in the center") on
-    `n_eval` held-out scenes and seeds, the bare "a red <diamond>" (the tiny model only follows its
-    template: expect two objects), and the plain word "diamond" without the token, for comparison."""
+    `n_eval` held-out scenes and seeds, the bare "a red <diamond>", and the plain word "diamond"
+    without the token, for comparison."""
     from ..tokenizer import load_tokenizer
 
     result = train_inversion(models, settings, log)
-    path = out_dir / "diamond-embedding.safetensors"
+    path = out_dir / OUTPUT_FILES[0]
     save_embedding(path, result["token"], result["vector"])
     tokenizer = load_tokenizer()
     token_id = load_embedding(models, tokenizer, path)
@@ -413,22 +407,20 @@ def inversion_report(models: dict, settings: InversionSettings, out_dir: Path, n
     seeds = list(EVAL_SEEDS)[:n_eval]
     template = template_rates(models, tokenizer, scenes, {settings.shape: settings.token}, seeds)
     plain_word = template_rates(models, tokenizer, scenes, {}, seeds)
-    bare = [f"a {scene.objects[0].colour} {settings.token}" for scene in scenes]
-    bare_images = generate(models, tokenizer, bare, seeds)
-    bare_rates = {"shape": read_objects(bare_images, settings.shape)["shape"],
-                  **{k: v for k, v in read_objects(bare_images).items() if k == "one"}}
+    bare = template_rates(models, tokenizer, plain_scenes(scenes), {settings.shape: settings.token}, seeds)
     log(f"{settings.token}: template prompts shape {template['shape']:.2f}, all {template['all']:.2f}; "
-        f"plain word 'diamond' shape {plain_word['shape']:.2f}; bare prompts shape {bare_rates['shape']:.2f}")
+        f"plain word 'diamond' shape {plain_word['shape']:.2f}; 'a red {settings.token}' prompts shape "
+        f"{bare['shape']:.2f}, all {bare['all']:.2f}")
     return {"settings": dataclasses.asdict(settings), **_summary(result), "file": path.name, "token_id": token_id,
             "file_bytes": path.stat().st_size, "template": template, "plain_word_without_token": plain_word,
-            "bare_prompt": bare_rates, "eval_scene_seed": EVAL_SCENE_SEED, "eval_seeds": [seeds[0], seeds[-1]]}
+            "bare_prompt": bare, "eval_scene_seed": EVAL_SCENE_SEED, "eval_seeds": [seeds[0], seeds[-1]]}
 
 
 def lora_report(models: dict, settings: LoraSettings, out_dir: Path, n_eval: int, log=print) -> dict:
     """Train the LoRA, save it in the kohya format, load the file with `sdlab.lora.load_lora` and read
     the template prompts of the shape, and of circles (what it does to the rest), with and without it."""
     result = train_lora(models, settings, log)
-    path = out_dir / "diamond-lora.safetensors"
+    path = out_dir / OUTPUT_FILES[1]
     lora.save_lora(models, result["adapters"], path)
     scenes = concept_scenes(n_eval, EVAL_SCENE_SEED, shape=settings.shape, size=settings.size)
     circles = concept_scenes(n_eval, EVAL_SCENE_SEED + 1, shape="circle", size=settings.size)
@@ -438,6 +430,7 @@ def lora_report(models: dict, settings: LoraSettings, out_dir: Path, n_eval: int
     for state in ("without", "with"):
         handle = lora.load_lora(models, path) if state == "with" else None
         rates[state] = {"shape_prompts": template_rates(models, tokenizer, scenes, {}, seeds),
+                        "plain_shape_prompts": template_rates(models, tokenizer, plain_scenes(scenes), {}, seeds),
                         "circle_prompts": template_rates(models, tokenizer, circles, {}, seeds)}
         if handle is not None:
             handle.remove()
@@ -450,10 +443,14 @@ def lora_report(models: dict, settings: LoraSettings, out_dir: Path, n_eval: int
             "eval_scene_seed": EVAL_SCENE_SEED, "eval_seeds": [seeds[0], seeds[-1]]}
 
 
+OUTPUT_FILES = ("diamond-embedding.safetensors", "diamond-lora.safetensors")  # what `run_finetune` writes
+
+
 def run_finetune(out_dir, report=None, inversion: InversionSettings | None = None, lora_settings: LoraSettings | None = None,
-                 n_eval: int = 60, log=print) -> dict:
-    """Both runs on the bundled tiny model (loaded afresh for each), their files written into
-    `out_dir`, their figures returned and, with `report`, written as JSON."""
+                 n_eval: int = 60, overwrite: bool = False, log=print) -> dict:
+    """Both runs on the bundled tiny model (loaded afresh for each), their files (`OUTPUT_FILES`)
+    written into `out_dir`, their figures returned and, with `report`, written as JSON. Existing
+    files are refused unless `overwrite=True`."""
     import json
 
     from ..model_loader import preload_models_from_standard_weights
@@ -463,6 +460,10 @@ def run_finetune(out_dir, report=None, inversion: InversionSettings | None = Non
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise ArgumentError(f"out_dir {str(out_dir)!r} is not an existing folder; create it first")
+    existing = [str(path) for path in [*(out_dir / name for name in OUTPUT_FILES), *([Path(report)] if report else [])]
+                if path.exists()]
+    if existing and not overwrite:
+        raise ArgumentError(f"{', '.join(existing)} exist already; pass another folder or --overwrite to replace them")
     figures = {"threads": torch.get_num_threads(), "n_eval": n_eval,
                "textual_inversion": inversion_report(preload_models_from_standard_weights(),
                                                      inversion or InversionSettings(), out_dir, n_eval, log),

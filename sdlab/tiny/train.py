@@ -48,7 +48,7 @@ from ..ddpm import DDPMSampler
 from ..diffusion import get_time_embedding
 from ..errors import ArgumentError
 from ..model_loader import DEFAULT_CHECKPOINT, build_models, save_checkpoint
-from .data import IMAGE_SIZE, ShapesDataset, to_tensor
+from .data import IMAGE_SIZE, ShapesDataset, caption_variants, to_tensor
 from .evaluate import count_parameters, vae_psnr
 
 
@@ -96,6 +96,7 @@ class TrainSettings:
     unet_batch: int = 32
     unet_lr: float = 1.5e-3
     caption_dropout: float = 0.1  # fraction of captions replaced by the empty prompt
+    caption_variants: int = 4  # captions per image: the full caption and 3 paraphrases (data.paraphrase)
     ema_decay: float = 0.999
     min_snr: float = 5.0  # Min-SNR-gamma loss weighting (0: none)
 
@@ -198,16 +199,19 @@ class Run:
 # --------------------------------------------------------------------------------------------------
 
 
-def make_data(n: int, seed: int, size: int = IMAGE_SIZE, tokenizer=None) -> dict:
-    """Render `n` training scenes -> images (n, 3, size, size) in [-1, 1], tokens (n, 77), captions."""
+def make_data(n: int, seed: int, size: int = IMAGE_SIZE, tokenizer=None, variants: int = 1) -> dict:
+    """Render `n` training scenes -> images (n, 3, size, size) in [-1, 1], tokens (n, variants, 77) of
+    each scene's `data.caption_variants` (the full caption first), and those captions (n lists)."""
     from ..tokenizer import load_tokenizer
 
     tokenizer = tokenizer or load_tokenizer()
     data = ShapesDataset(n, seed=seed, split="train", size=size)
     images = to_tensor(data.images())  # (n, size, size, 3) uint8 -> (n, 3, size, size)
-    tokens = torch.tensor(tokenizer(data.captions, padding="max_length", max_length=77, truncation=True).input_ids)
-    empty = torch.tensor(tokenizer([""], padding="max_length", max_length=77, truncation=True).input_ids)
-    return {"images": images, "tokens": tokens, "empty": empty, "captions": data.captions}
+    captions = caption_variants(data.scenes, variants, seed)
+    unique = sorted({text for texts in captions for text in texts} | {""})
+    ids = dict(zip(unique, tokenizer(unique, padding="max_length", max_length=77, truncation=True).input_ids))
+    tokens = torch.tensor([[ids[text] for text in texts] for texts in captions])  # (n, variants, 77)
+    return {"images": images, "tokens": tokens, "empty": torch.tensor([ids[""]]), "captions": captions}
 
 
 def set_scale_factor(models: dict, scale: float) -> None:
@@ -216,13 +220,31 @@ def set_scale_factor(models: dict, scale: float) -> None:
         m.config = dataclasses.replace(m.config, scale_factor=scale)
 
 
-def prepare(config: SDConfig, settings: TrainSettings, state_path=None,
-            log=print) -> tuple[dict, dict, TrainState, float]:
+def start_from(models: dict, init, state: TrainState, log=print) -> None:
+    """Give the training models the weights of the checkpoint `init` and skip the VAE stage: its VAE
+    and latent scale are kept, the text encoder and U-Net train on from its weights."""
+    from ..model_loader import preload_models_from_standard_weights
+
+    loaded = preload_models_from_standard_weights(init)
+    for name, m in models.items():
+        try:
+            m.load_state_dict(loaded[name].state_dict())
+        except RuntimeError as error:
+            raise ArgumentError(f"--init {init}: its {name} does not fit the model being trained ({error}); "
+                                "pass a checkpoint of the same config") from None
+    set_scale_factor(models, loaded["decoder"].config.scale_factor)
+    state.stage, state.scale_factor = 2, loaded["decoder"].config.scale_factor
+    log(f"starting from {init}: its VAE is kept, the text encoder and U-Net train on")
+
+
+def prepare(config: SDConfig, settings: TrainSettings, state_path=None, log=print,
+            init=None) -> tuple[dict, dict, TrainState, float]:
     """Seed everything, render the training data, build the models in training mode and, if the file
-    `state_path` exists, resume its state. Returns (models, data, state, seconds spent rendering)."""
+    `state_path` exists, resume its state; else, with a checkpoint `init`, start from its weights
+    (`start_from`). Returns (models, data, state, seconds spent rendering)."""
     seed_everything(settings.seed)
     start = time.time()
-    data = make_data(settings.n_images, settings.seed)
+    data = make_data(settings.n_images, settings.seed, variants=settings.caption_variants)
     render_s = time.time() - start
     log(f"rendered {settings.n_images} training images in {render_s:.1f}s")
     models = build_models(config)
@@ -235,6 +257,8 @@ def prepare(config: SDConfig, settings: TrainSettings, state_path=None,
         for name, m in models.items():
             m.load_state_dict(state.models[name])
         log(f"resuming from {state_path}: stage {state.stage}, step {state.step}")
+    elif init:
+        start_from(models, init, state, log)
     return models, data, state, render_s
 
 
@@ -408,13 +432,15 @@ def unet_optimizer(trainable: dict, lr: float) -> torch.optim.AdamW:
 
 
 def unet_step(run: Run, optimizer, params: list, latents: tuple, alphas_cumprod, step: int) -> torch.Tensor:
-    """One step of the text encoder and U-Net on a random batch of posterior samples, with caption dropout."""
+    """One step of the text encoder and U-Net on a random batch of posterior samples, each with one of its
+    caption variants at random, with caption dropout."""
     s, tokens = run.settings, run.data["tokens"]
     mean, std = latents
     g = step_generator(s.seed, 2, step)
     idx = torch.randint(0, len(mean), (s.unet_batch,), generator=g)
     z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * run.models["decoder"].config.scale_factor
-    tok = tokens[idx].clone()
+    variant = torch.randint(0, tokens.shape[1], (s.unet_batch,), generator=g)
+    tok = tokens[idx, variant]  # (B, 77)
     drop = torch.rand(s.unet_batch, generator=g) < s.caption_dropout
     tok[drop] = run.data["empty"]
     lr = lr_at(step, s.unet_steps, s.unet_lr, warmup=200)
@@ -499,8 +525,8 @@ def finish(run: Run, config: SDConfig, out=None, psnr_images: int = 500) -> dict
 
 
 def train(out=DEFAULT_CHECKPOINT, state_path=None, config: SDConfig = TINY, settings: TrainSettings | None = None, *,
-          save_every: int = 250, stop_after: int | None = None, psnr_images: int = 500, threads: int | None = None,
-          progress: bool = True, log=print, **overrides) -> dict | None:
+          init=None, save_every: int = 250, stop_after: int | None = None, psnr_images: int = 500,
+          threads: int | None = None, progress: bool = True, log=print, **overrides) -> dict | None:
     """Train the tiny model and write it to `out`; returns the models, their config, a summary
     (timings, losses, PSNR) and the loss history.
 
@@ -509,11 +535,13 @@ def train(out=DEFAULT_CHECKPOINT, state_path=None, config: SDConfig = TINY, sett
     (weights, optimizer, EMA, step, loss history), saved every `save_every` steps: if it exists the
     run resumes from it (it is not the shipped file). `stop_after=n` stops after n optimizer steps in
     this invocation (saving the state, writing no checkpoint; returns None): run again to resume.
+    `init` (a checkpoint) starts the text encoder and U-Net from its weights and keeps its VAE
+    (`start_from`): how the shipped model learned the paraphrased captions on top of an earlier run.
     """
     settings = dataclasses.replace(settings or TrainSettings(), **overrides)
     if threads:
         torch.set_num_threads(threads)
-    models, data, state, render_s = prepare(config, settings, state_path, log)
+    models, data, state, render_s = prepare(config, settings, state_path, log, init)
     run = Run(settings, models, data, state, state_path=state_path, save_every=save_every, steps_left=stop_after,
               progress=progress, log=log, render_s=render_s)
     if state.stage == 1 and not train_vae(run):

@@ -178,6 +178,8 @@ glue("vae_scale", SD15.vae.scale_factor)
 #    a model that follows prompts it has never seen.
 # 8. **Fast and lean**: where the FLOPs go, fused attention, bf16, packed convolution weights, fewer
 #    steps, and whole images timed against `diffusers`.
+# 9. **Fine-tuning on your laptop**: textual inversion and LoRA on the tiny model, live on a CPU,
+#    DreamBooth's difference, and loading SD1.5 LoRA files.
 #
 # ## Notation
 #

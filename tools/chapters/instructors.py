@@ -342,3 +342,10 @@ show_quiz("07_train")
 
 # %% tags=["hide-input"]
 show_quiz("08_speed")
+
+# %% [markdown]
+# (quiz-finetune)=
+# ### Quiz: fine-tuning
+
+# %% tags=["hide-input"]
+show_quiz("09_finetune")

@@ -500,13 +500,13 @@ check_ddim_sigma(ddim_sigma)
 # :class: dropdown
 # :::
 #
-# The tiny model learned captions, so the negative prompt is a caption naming the colour to
-# avoid: guidance pushes each step away from it.
+# Without a colour the model draws this circle white for most seeds, so the negative prompt is a
+# caption naming white: guidance pushes each step away from it.
 
 # %%
 from sdlab.exercises import check_negative_prompt
 
-check_negative_prompt("a large circle in the center", "a large purple circle in the center", "purple")
+check_negative_prompt("a large circle in the center", "a large white circle in the center", "white")
 
 # %% [markdown]
 # :::{solution-end}
@@ -702,5 +702,34 @@ check_costliest_level(64)
 check_score_bytes(8 * 16384 * 16384 * 4, queries=16384, pixels=16384)
 
 # %% [markdown]
+# :::{solution-end}
+# :::
+#
+# ## 9. Fine-tuning on your laptop
+#
+# :::{solution-start} ex-9-1
+# :class: dropdown
+# :::
+#
+# The **VAE decoder**. Every picture the model makes passes through it, and it was trained on six
+# colours only: whatever latent the U-Net produces, the decoder maps its colour to the nearest one
+# it knows (orange comes out yellow). Textual inversion can only change what the text encoder asks
+# for and the LoRA only the U-Net's latents; neither reaches the decoder. Teaching a colour means
+# training (or adapting) the decoder too, on pictures with that colour, and then the U-Net to make
+# latents that decode to it.
+#
+# :::{solution-end}
+# :::
+#
+# :::{solution-start} ex-9-2
+# :class: dropdown
+# :::
+#
+# Without prior pictures every training example is a diamond, so the low-rank change is free to
+# move the U-Net towards diamonds for *every* prompt: the circle prompts lose circles (some come out
+# as diamonds or squares) and colours drift. With prior preservation the same loss also asks the
+# adapted U-Net to keep denoising the original pictures well, which pins the change to what the
+# diamond prompts need. That is why DreamBooth adds its class-prior loss.
+#
 # :::{solution-end}
 # :::
