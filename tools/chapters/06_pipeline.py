@@ -255,7 +255,7 @@ explorer(prompt_frame, {"prompt": EXPLORE_PROMPTS, "cfg_scale": EXPLORE_SCALES},
 # The unconditioned half of the batch need not be empty. Guidance moves the prediction *away*
 # from whatever text stands there, $\hat\epsilon = \epsilon(x_t, c_-) + s\,(\epsilon(x_t, c) -
 # \epsilon(x_t, c_-))$, so a *negative prompt* $c_-$ (`generate(..., uncond_prompt=...)`) names
-# what the picture should not be. The tiny model learned whole captions, so its negative prompts
+# what the picture should not be. The tiny model learned from captions, so its negative prompts
 # are captions too: the prompt below names no colour, and each negative caption pushes the circle
 # away from the colour it names.
 

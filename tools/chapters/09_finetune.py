@@ -176,8 +176,8 @@ print(f"full run, {report['n_eval']} held-out scenes and seeds: 'a red {TI.token
 # and shape all right: {glue:text}`ti_bare_all`), and in {glue:text}`ti_template_shape` for the
 # full template ({glue:text}`ti_template_all` all right), against {glue:text}`plain_shape` for the
 # plain word. One row of numbers can only *ask* the frozen U-Net for a picture; it never drew a
-# corner-standing square, so the best row finds the nearest thing it can draw, often an upright
-# square or a triangle. That limit of textual inversion is what LoRA removes.
+# corner-standing square, so the best row asks for the nearest picture the U-Net can draw, and that
+# picture is not a diamond. That limit of textual inversion is what LoRA removes.
 #
 # The rest of the model is untouched: the new row is appended, so every other prompt encodes to the
 # same numbers as before, bit for bit.
