@@ -99,7 +99,7 @@ def _unet_batches(**generate) -> list[int]:
 
 
 def _lora_numbers(rank: int, d_in: int, d_out: int) -> int:
-    """The numbers of sdlab's adapter on a `d_in` -> `d_out` layer, as `finetune.attention_adapters` makes them."""
+    """The numbers a `lora.Adapter` of rank `rank` holds for a `d_in` -> `d_out` layer (A and B)."""
     layer = torch.nn.Linear(d_in, d_out)
     target = lora.Target("diffusion", "layer", None)
     adapter = lora.Adapter(target, torch.zeros(rank, layer.in_features), torch.zeros(layer.out_features, rank), 1.0)

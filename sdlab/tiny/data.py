@@ -80,18 +80,20 @@ POSITIONS: tuple[str, ...] = (
 # Fractional coordinates of the three grid lines used as object centres.
 GRID_CENTRES: tuple[float, float, float] = (0.2, 0.5, 0.8)
 
-# How each position is said in a caption ("in the top left", "at the top", ...).
-POSITION_PHRASES: dict[str, str] = {
-    "top left": "in the top left",
-    "top": "at the top",
-    "top right": "in the top right",
-    "left": "on the left",
-    "center": "in the center",
-    "right": "on the right",
-    "bottom left": "in the bottom left",
-    "bottom": "at the bottom",
-    "bottom right": "in the bottom right",
+# How each position is said: the caption's phrase first ("in the top left", "at the top", ...), then
+# the synonyms `paraphrase` also uses.
+POSITION_WORDS: dict[str, tuple[str, ...]] = {
+    "top left": ("in the top left", "at the top left", "in the top left corner"),
+    "top": ("at the top", "at the top center"),
+    "top right": ("in the top right", "at the top right", "in the top right corner"),
+    "left": ("on the left", "to the left", "at the left"),
+    "center": ("in the center", "in the middle", "at the center"),
+    "right": ("on the right", "to the right", "at the right"),
+    "bottom left": ("in the bottom left", "at the bottom left", "in the bottom left corner"),
+    "bottom": ("at the bottom", "at the bottom center"),
+    "bottom right": ("in the bottom right", "at the bottom right", "in the bottom right corner"),
 }
+POSITION_PHRASES: dict[str, str] = {name: words[0] for name, words in POSITION_WORDS.items()}
 
 # Two-object scenes: the caption names a spatial relation, which fixes the positions
 # of the first and the second object.
@@ -274,17 +276,6 @@ def caption(scene: Scene) -> str:
 # (`paraphrase`), so that the model also follows "a red circle" or "two big squares": a word left out
 # means "any", and a singular noun means one object.
 SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "tiny", "little"), "large": ("large", "big")}
-POSITION_WORDS: dict[str, tuple[str, ...]] = {
-    "top left": ("in the top left", "at the top left", "in the top left corner"),
-    "top": ("at the top", "at the top center"),
-    "top right": ("in the top right", "at the top right", "in the top right corner"),
-    "left": ("on the left", "to the left", "at the left"),
-    "center": ("in the center", "in the middle", "at the center"),
-    "right": ("on the right", "to the right", "at the right"),
-    "bottom left": ("in the bottom left", "at the bottom left", "in the bottom left corner"),
-    "bottom": ("at the bottom", "at the bottom center"),
-    "bottom right": ("in the bottom right", "at the bottom right", "in the bottom right corner"),
-}
 RELATION_WORDS: dict[str, tuple[str, ...]] = {
     "to the left of": ("to the left of", "left of", "on the left of"),
     "to the right of": ("to the right of", "right of", "on the right of"),

@@ -383,6 +383,7 @@ def template_rates(models, tokenizer, scenes: list[Scene], words: dict[str, str]
 
 EVAL_SCENE_SEED = 101  # scenes of the evaluation prompts (the training's are drawn with its own seed)
 EVAL_SEEDS = range(5000, 5060)  # generation seeds: no training step uses an image generated from a seed
+OUTPUT_FILES = ("diamond-embedding.safetensors", "diamond-lora.safetensors")  # what `run_finetune` writes
 
 
 def _summary(result: dict) -> dict:
@@ -441,9 +442,6 @@ def lora_report(models: dict, settings: LoraSettings, out_dir: Path, n_eval: int
             "file_bytes": path.stat().st_size, "adapters": len(result["adapters"]),
             "parameters": sum(a.down.numel() + a.up.numel() for a in result["adapters"]), **rates,
             "eval_scene_seed": EVAL_SCENE_SEED, "eval_seeds": [seeds[0], seeds[-1]]}
-
-
-OUTPUT_FILES = ("diamond-embedding.safetensors", "diamond-lora.safetensors")  # what `run_finetune` writes
 
 
 def run_finetune(out_dir, report=None, inversion: InversionSettings | None = None, lora_settings: LoraSettings | None = None,

@@ -305,15 +305,9 @@ from sdlab.config import SD15, TINY
 def trained_numbers(config):
     with torch.device("meta"):
         meta = model_loader.build_models(config)
-    adapters = {"diffusion": meta["diffusion"]}
-    attention = [target for target, _ in lora.layer_aliases(adapters)
-                 if ".attention_1." in target.module or ".attention_2." in target.module]
-    lora_total = 0
-    for target in attention:
-        weight = meta["diffusion"].get_submodule(target.module).weight
-        out_features = weight.shape[0] // 3 if target.chunk is not None else weight.shape[0]
-        lora_total += LORA.rank * (weight.shape[1] + out_features)
-    return {"textual inversion": config.clip.n_embd, f"LoRA, rank {LORA.rank}, attention": lora_total,
+    adapters = finetune.attention_adapters(meta, LORA.rank, LORA.alpha)  # real (small) tensors, shaped by the meta layers
+    return {"textual inversion": config.clip.n_embd,
+            f"LoRA, rank {LORA.rank}, attention": sum(a.down.numel() + a.up.numel() for a in adapters),
             "DreamBooth (U-Net)": sum(p.numel() for p in meta["diffusion"].parameters())}
 
 
