@@ -1,6 +1,6 @@
 """`python -m sdlab bench`: sdlab against diffusers, component by component, on the same weights.
 
-    python -m sdlab bench --ckpt random-v1-5.safetensors [--quick] [--repeat 3] [--no-image]
+    python -m sdlab bench --ckpt random-v1-5.safetensors [--quick] [--repeat 3] [--no-image] [--peers]
 
 The checkpoint is any SD1.5-layout file (the real one, or a random one in the same layout such
 as the test suite's `random-v1-5.safetensors`); both libraries load the *same* file, sdlab with its
@@ -12,16 +12,21 @@ Components are timed in one process with both libraries loaded, alternating sdla
 runs (`--repeat` times each, best kept) so that a busy machine affects both alike:
 
 * CLIP: 2 prompts (a CFG batch) of 77 tokens.
-* U-Net step: batch 2 (CFG), 4x64x64 latents (a 512x512 image), fp32, and bf16 (autocast) where
-  the CPU supports it; ratios always against diffusers *fp32*, `max_diff` against diffusers fp32.
-  "sdlab" runs as `generate` runs fp32 on the CPU, with packed convolution weights
-  (`sdlab.packing`), in a round of its own against diffusers with "sdlab recording attention" (the
-  same step inside `sdlab.inspect.record_attention`: what recording costs); then "sdlab unpacked" (the plain
-  eager model) and the bf16 rows (autocast, unpacked, as `generate` runs bf16) in a second round.
+* U-Net step: batch 2 (CFG), 4x64x64 latents (a 512x512 image); ratios always against diffusers
+  *fp32* timed in the same round, `max_diff` against diffusers fp32, `spread_pct` how much slower
+  the slowest repeat was than the best. Three rounds: packed fp32 ("sdlab", as `generate` runs on
+  the CPU; "sdlab recording attention": the same step inside `sdlab.inspect.record_attention`),
+  packed bf16 ("sdlab bf16": as `generate(..., dtype=torch.bfloat16)` runs, weights cast once)
+  against diffusers under bf16 autocast, and the plain eager model ("sdlab unpacked", "sdlab bf16
+  autocast": every weight recast at every call). bf16 rows only where the CPU has bf16.
+  `--peers`: OpenVINO (optional: `pip install openvino`) runs diffusers' U-Net converted from
+  PyTorch, in f32 and bf16, alternating with the others in the same rounds.
 * VAE decode: 1x4x64x64 -> 512x512 (packed, as in `generate`).
 
-A whole image (DPM++ 2M, 20 steps, CFG 7.5, 512x512; `--quick`: 4 steps, 256x256) runs in a fresh
-subprocess per library, so that each peak RSS (loading, then generating) is its own.
+Whole images (DPM++ 2M, 20 steps, CFG 7.5, 512x512; `--quick`: 4 steps, 256x256) run in a fresh
+subprocess each, so that each peak RSS (loading, then generating) is its own: diffusers, sdlab
+fp32, and where the CPU has bf16 sdlab bf16, lean (`VARIANTS`) and 4-step LCM at `--batches`
+images per call (images per minute).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import CheckpointNotFoundError
@@ -71,7 +77,7 @@ def peak_rss_gb() -> float:
 
 
 def interleaved(fns: dict, repeat: int, warmup: int = 1) -> dict:
-    """Best time of each function, run in turn (a, b, a, b, ...) after `warmup` untimed rounds."""
+    """Every time of each function (seconds), run in turn (a, b, a, b, ...) after `warmup` untimed rounds."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -81,7 +87,13 @@ def interleaved(fns: dict, repeat: int, warmup: int = 1) -> dict:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: min(t) for name, t in times.items()}
+    return times
+
+
+def spread(times: list[float]) -> float:
+    """How far the slowest of repeated runs is above the fastest, in % of the fastest: a busy or
+    throttled machine shows here, and a ratio is only as good as both rows' spreads."""
+    return round(100 * (max(times) - min(times)) / min(times), 1)
 
 
 def unet_inputs(seed: int = 0, batch: int = 2, size: int = 64):
@@ -95,52 +107,88 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
-def timed_rows(name: str, fns: dict, repeat: int, check=None, packed=(), only=None) -> list[dict]:
-    """Time `fns` in turn (`interleaved`) and report one row each, with its ratio to "diffusers" and
-    `check()`'s max difference where it gives one. `packed`: sdlab models whose convolutions are
-    packed meanwhile, as `generate` runs them on the CPU; `only`: keep just these rows."""
-    with torch.inference_mode(), packed_weights(*packed):
+def timed_rows(name: str, fns: dict, repeat: int, check=None, packed=(), packed_dtype=None, only=None) -> list[dict]:
+    """Time `fns` in turn (`interleaved`) and report one row each: the best time, its `spread` over
+    the repeats, its ratio to "diffusers" (fp32, timed in the same round) and `check()`'s max difference
+    where it gives one. `packed`: sdlab models whose layers are packed meanwhile (in `packed_dtype`),
+    as `generate` runs them on the CPU; `only`: keep just these rows."""
+    with torch.inference_mode(), packed_weights(*packed, dtype=packed_dtype):
         times = interleaved(fns, repeat)
         diff = check() if check else None
-    print(f"  {name}: " + ", ".join(f"{k} {v:.3f} s" for k, v in times.items()), flush=True)
+    best = {who: min(t) for who, t in times.items()}
+    print(f"  {name}: " + ", ".join(f"{k} {v:.3f} s" for k, v in best.items()), flush=True)
     rows = []
-    for who, seconds in times.items():
+    for who, seconds in best.items():
         if only and who not in only:
             continue
-        rows.append({"component": name, "impl": who, "seconds": round(seconds, 3),
-                     "ratio": round(seconds / times["diffusers"], 3),
+        rows.append({"component": name, "impl": who, "seconds": round(seconds, 3), "spread_pct": spread(times[who]),
+                     "ratio": round(seconds / best["diffusers"], 3),
                      **({"max_diff": float(f"{diff[who]:.3g}")} if diff and who in diff else {})})
     return rows
 
 
 def unet_functions(ours: dict, theirs: dict, size: int) -> dict:
     """One U-Net step of each library on the same inputs (batch 2, 4 x size x size latents), in
-    float32 and under bf16 autocast."""
+    float32 and under bf16 autocast ("sdlab" runs bf16 packed: see `component_rows`)."""
     from .diffusion import get_time_embedding
 
     latents, context, t = unet_inputs(size=size)
     time_emb = get_time_embedding(t, 320)
 
-    def bf16(fn):
-        def autocast():
+    def autocast(fn):
+        def run():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return fn()
 
-        return autocast
+        return run
 
     def sdlab_unet():
-        return ours["diffusion"](latents, context, time_emb)
+        return ours["diffusion"](latents, context, time_emb).float()
 
     def diffusers_unet():
         return theirs["unet"](latents, t, encoder_hidden_states=context).sample
 
     return {"sdlab": sdlab_unet, "diffusers": diffusers_unet,
-            "sdlab bf16": bf16(sdlab_unet), "diffusers bf16": bf16(diffusers_unet)}
+            "sdlab bf16 autocast": autocast(sdlab_unet), "diffusers bf16": autocast(diffusers_unet),
+            "inputs": (latents, t, context)}
 
 
-def component_rows(ours: dict, theirs: dict, repeat: int, quick: bool, bf16: bool) -> list[dict]:
-    """CLIP, one U-Net step (packed, also while recording attention; then unpacked and bf16) and a VAE
-    decode, sdlab against diffusers."""
+def peer_functions(theirs: dict, inputs: tuple, bf16: bool) -> dict:
+    """OpenVINO (an optional dependency) running diffusers' U-Net, the same weights, converted from
+    PyTorch: {"openvino": fn, "openvino bf16": fn}; {} with a message where OpenVINO is absent."""
+    try:
+        import openvino
+    except ImportError:
+        print("  --peers: OpenVINO is not installed (pip install openvino); its rows are skipped", flush=True)
+        return {}
+
+    class UNet(torch.nn.Module):  # positional inputs, one tensor out: what convert_model traces
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, latents, t, context):
+            return self.unet(latents, t, encoder_hidden_states=context).sample
+
+    print(f"  converting diffusers' U-Net to OpenVINO {openvino.__version__} ...", flush=True)
+    with torch.no_grad():
+        model = openvino.convert_model(UNet(theirs["unet"]), example_input=inputs)
+    core, arrays, fns = openvino.Core(), [x.numpy() for x in inputs], {}
+    for precision in ("f32", "bf16") if bf16 else ("f32",):
+        config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        request = core.compile_model(model, "CPU", config).create_infer_request()
+        fns["openvino" + (" bf16" if precision == "bf16" else "")] = (
+            lambda request=request: torch.from_numpy(request.infer(arrays)[0].copy()))
+    return fns
+
+
+def component_rows(ours: dict, theirs: dict, repeat: int, quick: bool, bf16: bool, peers: bool = False) -> list[dict]:
+    """CLIP, one U-Net step and a VAE decode, sdlab against diffusers (and OpenVINO with `peers`).
+
+    The U-Net runs in three rounds, each with diffusers fp32 for the ratios: packed fp32 (as
+    `generate` runs on the CPU; also while recording attention), packed bf16 (as `generate(...,
+    dtype=torch.bfloat16)` runs: weights cast once) against diffusers and OpenVINO in bf16, and the
+    plain eager model with the old way to bf16 (autocast, every weight recast at every call)."""
     from .inspect import record_attention
     from .tokenizer import load_tokenizer
 
@@ -154,29 +202,38 @@ def component_rows(ours: dict, theirs: dict, repeat: int, quick: bool, bf16: boo
     }, repeat, lambda: {"sdlab": max_diff(ours["clip"](tokens), theirs["clip"](tokens).last_hidden_state)})
 
     unet = unet_functions(ours, theirs, size)
-
-    def unet_check():
-        reference = unet["diffusers"]()
-        diffs = {"sdlab unpacked": max_diff(unet["sdlab"](), reference)}
-        if bf16:
-            diffs["sdlab bf16"] = max_diff(unet["sdlab bf16"](), reference)
-            diffs["diffusers bf16"] = max_diff(unet["diffusers bf16"](), reference)
-        return diffs
+    peer = peer_functions(theirs, unet.pop("inputs"), bf16) if peers else {}
 
     def recording_unet():  # the same step while `inspect.record_attention` keeps every cross-attention map
         with record_attention(ours):
             return unet["sdlab"]()
 
-    unet_row = f"U-Net step (2x4x{size}x{size})"
+    # "sdlab", "sdlab bf16" and "sdlab unpacked": the same call, inside each round's packing block
+    calls = {**unet, **peer, "sdlab recording attention": recording_unet, "sdlab bf16": unet["sdlab"],
+             "sdlab unpacked": unet["sdlab"]}
+
+    def diffs(*names):  # max differences against diffusers fp32
+        def check():
+            reference = unet["diffusers"]()
+            return {name: max_diff(calls[name](), reference) for name in names}
+
+        return check
+
+    unet_row, fp32_peer = f"U-Net step (2x4x{size}x{size})", {k: v for k, v in peer.items() if "bf16" not in k}
     rows += timed_rows(unet_row, {"sdlab": unet["sdlab"], "sdlab recording attention": recording_unet,
-                                  "diffusers": unet["diffusers"]}, repeat,
-                       lambda: {"sdlab": max_diff(unet["sdlab"](), unet["diffusers"]()),
-                                "sdlab recording attention": max_diff(recording_unet(), unet["diffusers"]())},
-                       packed=[ours["diffusion"]])
+                                  "diffusers": unet["diffusers"], **fp32_peer}, repeat,
+                       diffs("sdlab", "sdlab recording attention", *fp32_peer), packed=[ours["diffusion"]])
+    if bf16:
+        bf16_peer = {k: v for k, v in peer.items() if "bf16" in k}
+        rows += timed_rows(unet_row, {"sdlab bf16": unet["sdlab"], "diffusers": unet["diffusers"],
+                                      "diffusers bf16": unet["diffusers bf16"], **bf16_peer}, repeat,
+                           diffs("sdlab bf16", "diffusers bf16", *bf16_peer), packed=[ours["diffusion"]],
+                           packed_dtype=torch.bfloat16, only=["sdlab bf16", "diffusers bf16", *bf16_peer])
     fns = {"sdlab unpacked": unet["sdlab"], "diffusers": unet["diffusers"]}
-    if bf16:  # as `generate` runs bf16: autocast, weights not packed
-        fns.update({"sdlab bf16": unet["sdlab bf16"], "diffusers bf16": unet["diffusers bf16"]})
-    rows += timed_rows(unet_row, fns, repeat, unet_check, only=[name for name in fns if name != "diffusers"])
+    if bf16:
+        fns["sdlab bf16 autocast"] = unet["sdlab bf16 autocast"]
+    rows += timed_rows(unet_row, fns, repeat, diffs(*(name for name in fns if name != "diffusers")),
+                       only=[name for name in fns if name != "diffusers"])
 
     rows += timed_rows(f"VAE decode ({8 * size}x{8 * size})", {
         "sdlab": lambda: ours["decoder"](vae_latents),
@@ -189,43 +246,65 @@ def component_rows(ours: dict, theirs: dict, repeat: int, quick: bool, bf16: boo
 # --- a whole image, one library per subprocess ---------------------------------------------------
 
 
-def image_child(impl: str, ckpt: str, steps: int, size: int, bf16: bool) -> dict:
-    """Load and generate in this (fresh) process; report seconds and peak RSS."""
+#: the whole-image variants (DPM++ 2M, CFG 7.5 unless said)
+VARIANTS = {
+    "fp32": "packed float32 (generate's default on the CPU)",
+    "bf16": "generate(dtype=torch.bfloat16): weights cast to bf16 once and packed",
+    "lean": "weights stored in bf16 (loaded with dtype=torch.bfloat16), low_memory=True",
+    "lcm": "sampler_name='lcm', 4 steps, cfg_scale=1, in bf16 (a fused LCM-LoRA adds no time)",
+}
+
+
+def image_child(impl: str, ckpt: str, steps: int, size: int, variant: str = "fp32", n: int = 1) -> dict:
+    """Load and generate `n` images in this (fresh) process; report seconds and peak RSS."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     start = time.perf_counter()
     if impl == "sdlab":
         from . import model_loader, pipeline
 
-        models = model_loader.preload_models_from_standard_weights(ckpt, "cpu")
+        models = model_loader.preload_models_from_standard_weights(
+            ckpt, "cpu", dtype=torch.bfloat16 if variant == "lean" else None)
     else:
         models = reference_models(ckpt)
         pipe = reference_pipeline(models, diffusers_scheduler("dpmpp_2m"))
     gc.collect()
     load_s, load_rss = time.perf_counter() - start, peak_rss_gb()
-    latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(n, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     if impl == "sdlab":
-        image = pipeline.generate(PROMPT, sampler_name="dpmpp_2m", n_inference_steps=steps, models=models, seed=0,
-                                  height=size, width=size, latents=latents, progress=False,
-                                  dtype=torch.bfloat16 if bf16 else None)
+        lcm = variant == "lcm"
+        images = pipeline.generate(PROMPT, sampler_name="lcm" if lcm else "dpmpp_2m", n_inference_steps=4 if lcm else steps,
+                                   cfg_scale=1.0 if lcm else 7.5, models=models, seed=0, height=size, width=size,
+                                   latents=latents, progress=False, num_images=n, low_memory=variant == "lean",
+                                   dtype=torch.bfloat16 if variant in ("bf16", "lcm") else None)
+        image = np.stack(images) if n > 1 else images
     else:
         with torch.inference_mode():
             image = pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
                          latents=latents, output_type="np").images[0]
         image = (image * 255).round().astype("uint8")
     seconds = time.perf_counter() - start
-    return {"impl": impl + (" bf16" if bf16 else ""), "load_s": round(load_s, 2), "load_peak_rss_gb": round(load_rss, 2),
-            "seconds": round(seconds, 2), "peak_rss_gb": round(peak_rss_gb(), 2),
-            "image_mean": float(image.mean()), "image_std": float(image.std())}
+    name = impl + ("" if variant == "fp32" else f" {variant}") + (f" x{n}" if n > 1 else "")
+    return {"impl": name, "images": n, "load_s": round(load_s, 2), "load_peak_rss_gb": round(load_rss, 2),
+            "seconds": round(seconds, 2), "images_per_min": round(60 * n / seconds, 2),
+            "peak_rss_gb": round(peak_rss_gb(), 2), "image_mean": float(image.mean()), "image_std": float(image.std())}
 
 
-def run_child(impl: str, ckpt: str, steps: int, size: int, bf16: bool) -> dict:
+def run_child(impl: str, ckpt: str, steps: int, size: int, variant: str = "fp32", n: int = 1) -> dict:
     command = [sys.executable, "-m", "sdlab", "bench", "--ckpt", ckpt, "--_child", impl,
-               "--steps", str(steps), "--size", str(size)] + (["--bf16"] if bf16 else [])
+               "--steps", str(steps), "--size", str(size), "--variant", variant, "--n", str(n)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
-        raise RuntimeError(f"the {impl} image run failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"the {impl} {variant} image run failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def image_runs(bf16: bool, batches: list[int]) -> list[tuple[str, str, int]]:
+    """(library, variant, images) of each whole-image run: bf16 variants only where the CPU has bf16."""
+    runs = [("diffusers", "fp32", 1), ("sdlab", "fp32", 1)]
+    if bf16:
+        runs += [("sdlab", "bf16", 1), ("sdlab", "lean", 1)] + [("sdlab", "lcm", n) for n in batches]
+    return runs
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -247,18 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-image", action="store_true", help="skip the whole-image runs")
     parser.add_argument("--no-components", action="store_true", help="skip the component timings")
     parser.add_argument("--no-bf16", action="store_true", help="skip bf16 even where the CPU supports it")
+    parser.add_argument("--peers", action="store_true", help="add OpenVINO's U-Net step on the same weights (if installed)")
+    parser.add_argument("--batches", default="1,2,4", help="images per call of the 4-step LCM runs (images per minute)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="fp32", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args._child:
-        print(json.dumps(image_child(args._child, args.ckpt, args.steps, args.size, args.bf16)))
+        print(json.dumps(image_child(args._child, args.ckpt, args.steps, args.size, args.variant, args.n)))
         return 0
     if not Path(args.ckpt).exists():
         raise CheckpointNotFoundError(f"--ckpt: no checkpoint at {args.ckpt}; pass an SD1.5-layout .safetensors file")
@@ -271,21 +353,24 @@ def main(argv=None) -> int:
         print("loading both libraries' models ...", flush=True)
         ours = model_loader.preload_models_from_standard_weights(args.ckpt, "cpu")
         theirs = reference_models(args.ckpt)
-        results["components"] = component_rows(ours, theirs, args.repeat, args.quick, bf16)
+        results["components"] = component_rows(ours, theirs, args.repeat, args.quick, bf16, args.peers)
         del ours, theirs
         gc.collect()
-        print(format_table(results["components"], ["component", "impl", "seconds", "ratio", "max_diff"]))
+        print(format_table(results["components"], ["component", "impl", "seconds", "spread_pct", "ratio", "max_diff"]))
     if not args.no_image:
         steps, size = (4, 256) if args.quick else (20, 512)
         print(f"whole image: DPM++ 2M, {steps} steps, {size}x{size}, one subprocess each ...", flush=True)
-        runs = [("diffusers", False), ("sdlab", False)] + ([("sdlab", True)] if bf16 else [])
-        for impl, half in runs:
-            results["image"].append(run_child(impl, args.ckpt, steps, size, half))
+        for variant, what in VARIANTS.items():
+            print(f"  {variant}: {what}")
+        batches = [int(n) for n in args.batches.split(",") if n.strip()]
+        for impl, variant, n in image_runs(bf16, batches):
+            results["image"].append(run_child(impl, args.ckpt, steps, size, variant, n))
             print(f"  {results['image'][-1]}", flush=True)
         base = results["image"][0]["seconds"]
         for r in results["image"]:
             r["ratio"] = round(r["seconds"] / base, 3)
-        print(format_table(results["image"], ["impl", "seconds", "ratio", "load_s", "load_peak_rss_gb", "peak_rss_gb"]))
+        print(format_table(results["image"], ["impl", "seconds", "ratio", "images_per_min", "load_s", "load_peak_rss_gb",
+                                              "peak_rss_gb"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -218,6 +218,11 @@ class Diffusion(nn.Module):
         output = self.unet(latent, context, time)  # (B, 320, h, w)
         return full_precision(self.final, output)  # (B, 4, h, w)
 
+    def full_precision_layers(self) -> list[nn.Module]:
+        """The first and last convolutions: run in the weights' precision under autocast (`full_precision`)
+        and in bf16 packing (`sdlab.packing`)."""
+        return [self.unet.encoders[0], self.final]
+
 
 def full_precision(layer: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
     """`layer(x, *args)`, but with autocast (if on) switched off and `x` in the layer's own dtype.

@@ -10,8 +10,18 @@ sequence of pixels a free view), and the linear layers run oneDNN's matrix produ
 weight. On 2 cores a U-Net step is 5-9% faster and a VAE decode 10-15%; results differ from the
 plain layers by rounding only (a different summation order, ~1e-6 relative).
 
-The packed weight *replaces* the plain one while the block runs (no second copy in memory) and is
-converted back on exit: afterwards the module's weights are bit-identical to before. Because that
+**bf16.** `packed_weights(..., dtype=torch.bfloat16)` packs those layers in bf16, cast **once** on
+entry, and they compute in bf16 whatever their input (it is cast): everything after the first layer
+then flows in bf16, while the normalisations keep their float32 weights (PyTorch's CPU group and layer
+norms take bf16 inputs with float32 weights). A model's `full_precision_layers()` (the U-Net's first
+and last convolutions, as under autocast: `diffusion.full_precision`) keep their own precision. Unlike autocast, which casts every weight again at
+every call, nothing is recast inside the block. Models stored in bf16 (`dtype=torch.bfloat16` when
+loading) are packed in bf16 without it.
+
+A packed weight of the module's own dtype *replaces* the plain one while the block runs (no second
+copy in memory) and is converted back on exit: afterwards the module's weights are bit-identical to
+before. A float32 weight packed in bf16 cannot be restored from its bf16 copy, so it stays beside it
+(the block then holds both: 1.5x the layers' float32 size). Because that
 changes the module in place, `packed_weights` holds the module's lock (`model_lock`) for the whole
 block: another thread packing or running the same module (through `pipeline.generate`, which takes
 the lock too) waits for its turn instead of finding half-swapped weights.
@@ -31,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TOKENS_HINT = 4096  # rows per batch item the linear layers are packed for: the pixels of 64x64 latents
+TRIM_EVERY = 16  # layers (un)packed between two hand-backs of freed memory to the OS (`_release_free_memory`)
 
 
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -52,76 +63,100 @@ def current_weights(module: nn.Module):
         layer_name, _, leaf = name.rpartition(".")
         layer = module.get_submodule(layer_name)
         forward = layer.__dict__.get("forward")
-        if leaf == "weight" and isinstance(forward, functools.partial):
+        if leaf == "weight" and isinstance(forward, functools.partial) and not parameter.numel():
             yield name, forward.args[1].to_dense()
-        else:
+        else:  # not packed, or packed in another dtype beside the plain weight
             yield name, parameter
 
 
-def available() -> bool:
-    """True where PyTorch has oneDNN's inference kernels (the x86 and ARM CPU builds)."""
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """True where PyTorch has oneDNN's inference kernels (the x86 and ARM CPU builds), and for
+    `torch.bfloat16` where oneDNN also computes in bf16 on this CPU (x86: AVX512-BF16 or AMX)."""
     ops = torch.ops.mkldnn
-    return torch.backends.mkldnn.is_available() and hasattr(ops, "_convolution_pointwise") and hasattr(ops, "_linear_pointwise")
+    kernels = torch.backends.mkldnn.is_available() and hasattr(ops, "_convolution_pointwise") and hasattr(ops, "_linear_pointwise")
+    return kernels and (dtype == torch.float32 or (dtype == torch.bfloat16 and ops._is_mkldnn_bf16_supported()))
 
 
 def _unpacked(x: torch.Tensor) -> bool:
     """Inputs the packed kernels do not take: other dtypes, and anything under autocast (e.g. bf16)."""
-    return x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+    return x.dtype not in (torch.float32, torch.bfloat16) or torch.is_autocast_enabled("cpu")
 
 
-def _conv_forward(conv: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The packed layer's weight and bias as plain tensors for `x` (its dtype, unless autocast decides)."""
+    weight = weight.to_dense()
+    if torch.is_autocast_enabled("cpu"):
+        return weight, bias
+    return weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+
+
+def _conv_forward(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     if _unpacked(x):
-        return F.conv2d(x, weight.to_dense(), conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return F.conv2d(x, *_plain(x, weight, bias), conv.stride, conv.padding, conv.dilation, conv.groups)
     return torch.ops.mkldnn._convolution_pointwise(
-        x, weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "none", [], ""
+        x.to(weight.dtype), weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+        "none", [], "",
     )
 
 
-def _linear_forward(linear: nn.Linear, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _linear_forward(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     if _unpacked(x):
-        return F.linear(x, weight.to_dense(), linear.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, weight, linear.bias, "none", [], "")
+        return F.linear(x, *_plain(x, weight, bias))
+    return torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), weight, bias, "none", [], "")
 
 
-def _pack(module: nn.Module, batch: int):
-    """(packed weight, forward using it) for a float32 CPU `Conv2d` or `Linear`; None for anything else."""
+def _pack(module: nn.Module, batch: int, dtype: torch.dtype | None = None):
+    """(packed weight, forward using it) for a float32 or bfloat16 CPU `Conv2d` or `Linear`, packed in
+    `dtype` (default: the weight's own); None for anything else."""
     weight = getattr(module, "weight", None)
-    if weight is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
+    if weight is None or weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return None
+    dtype = dtype or weight.dtype
+    if not available(dtype):
+        return None
+    weight = weight.to(dtype)
+    bias = None if module.bias is None else module.bias.to(dtype)
     if type(module) is nn.Conv2d and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
         input_size = [batch, weight.shape[1] * module.groups, 16, 16]  # tunes the layout; any size runs
         packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
             weight.to_mkldnn(), list(module.padding), list(module.stride), list(module.dilation), module.groups,
             input_size,
         )
-        return packed, functools.partial(_conv_forward, module, packed)
+        return packed, functools.partial(_conv_forward, module, packed, bias)
     if type(module) is nn.Linear:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch * TOKENS_HINT)
-        return packed, functools.partial(_linear_forward, module, packed)
+        return packed, functools.partial(_linear_forward, module, packed, bias)
     return None
 
 
 @contextlib.contextmanager
-def packed_weights(*modules: nn.Module, batch: int = 2):
+def packed_weights(*modules: nn.Module, batch: int = 2, dtype: torch.dtype | None = None):
     """Within the block, the float32 CPU `Conv2d` and `Linear` layers of `modules` run on weights
     packed once for oneDNN.
 
     For inference only (no gradients reach packed weights); `pipeline.generate` uses it on the CPU.
     `batch` is the batch size the layouts are tuned for (2 for classifier-free guidance); any batch
-    and size still runs. Under autocast, or for inputs that are not float32, a packed layer falls
-    back to the plain computation. Does nothing where `available()` is False. Holds the modules'
-    locks (`model_lock`) while it runs; layers already packed (a nested block) stay as they are.
+    and size still runs. `dtype`: `torch.bfloat16` packs (and computes) those layers in bf16; None
+    keeps each weight's own dtype (float32 or bfloat16); layers are packed in bf16 only where
+    `available(torch.bfloat16)`, and left plain elsewhere. Under autocast, or for inputs that are
+    neither float32 nor bfloat16, a packed layer falls back to the plain computation. Does nothing
+    where `available()` is False. Holds the modules' locks (`model_lock`) while it runs; layers
+    already packed (a nested block) stay as they are.
     """
+    if dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"packed_weights: dtype must be None, torch.float32 or torch.bfloat16, not {dtype!r}")
     layers = [m for module in modules for m in module.modules()] if available() else []
+    # the layers a model keeps in its weights' precision (the U-Net's first and last convolutions)
+    own = {id(m) for module in modules for kept in getattr(module, "full_precision_layers", list)() for m in kept.modules()}
     with contextlib.ExitStack() as locks:
         for module in sorted(set(modules), key=id):  # one order for every thread: no deadlock
             locks.enter_context(model_lock(module))
-        with _packed(layers, batch):
+        with _packed([m for m in layers if id(m) in own], batch), _packed([m for m in layers if id(m) not in own], batch, dtype):
             yield
 
 
 @contextlib.contextmanager
-def _packed(layers: list[nn.Module], batch: int):
+def _packed(layers: list[nn.Module], batch: int, dtype: torch.dtype | None = None):
     """Swap in the packed weights of `layers` for the block (the lock is the caller's)."""
     packed = []
     try:
@@ -129,13 +164,18 @@ def _packed(layers: list[nn.Module], batch: int):
             for layer in layers:
                 if "forward" in layer.__dict__:  # packed by an enclosing block
                     continue
-                result = _pack(layer, batch)
+                result = _pack(layer, batch, dtype)
                 if result is None:
                     continue
                 weight, forward = result
-                layer.weight.data = torch.empty(0)  # the plain copy is freed while the packed one is in use
+                replaces = weight.dtype == layer.weight.dtype  # restorable from the packed copy
+                if replaces:
+                    layer.weight.data = torch.empty(0)  # the plain copy is freed while the packed one is in use
                 layer.forward = forward
-                packed.append((layer, weight))
+                packed.append((layer, weight if replaces else None))
+                if len(packed) % TRIM_EVERY == 0:
+                    _release_free_memory()  # the plain copies just freed: keeps the peak near one copy
+        _release_free_memory()
         yield
     finally:
         # restored outside inference mode: a block run under `torch.inference_mode()` must not
@@ -144,7 +184,10 @@ def _packed(layers: list[nn.Module], batch: int):
             while packed:  # one weight at a time, so that the two copies never all coexist
                 layer, weight = packed.pop()
                 del layer.forward
-                layer.weight.data = weight.to_dense()
+                if weight is not None:
+                    layer.weight.data = weight.to_dense()
+                if len(packed) % TRIM_EVERY == 0:
+                    _release_free_memory()
         _release_free_memory()
 
 

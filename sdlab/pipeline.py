@@ -44,6 +44,7 @@ from .config import SamplingDefaults
 from .diffusion import get_time_embedding
 from .errors import ArgumentError, NumericalError
 from .images import rescale, to_image_tensor, to_mask_tensor  # noqa: F401 - rescale: the seed's helper, kept here
+from .packing import available as packing_available
 from .packing import current_weights, model_lock, packed_weights
 from .samplers import make_sampler, sampler_names
 from .schedule import randn
@@ -306,7 +307,7 @@ def make_generators(seed: int | None, num_images: int = 1) -> list[torch.Generat
 
 
 def speed_options(device, idle_device, low_memory, attention_slice_size, vae_tile_size, packed, do_cfg):
-    """What `low_memory` and `packed` turn into: (idle_device, packing(model, under_autocast), attention(), tile size)."""
+    """What `low_memory` and `packed` turn into: (idle_device, packing(model, dtype), attention(), tile size)."""
     if low_memory and idle_device is None and device.type != "cpu":
         idle_device = torch.device("cpu")
     if low_memory and vae_tile_size is None:
@@ -315,8 +316,16 @@ def speed_options(device, idle_device, low_memory, attention_slice_size, vae_til
         attention_slice_size = DEFAULT_SLICE_SIZE
     packed = device.type == "cpu" if packed is None else packed
 
-    def packing(model, under_autocast=False):  # weights reordered once for oneDNN (float32, CPU)
-        return packed_weights(model, batch=2 if do_cfg else 1) if packed and not under_autocast else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def packing(model, dtype=None):
+        """Weights reordered once for oneDNN (CPU), in float32 or, for `dtype=torch.bfloat16`, in bf16
+        (cast once: no autocast). Yields the dtype still to autocast to (None: none)."""
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        if not (packed and on_cpu and packing_available(dtype or torch.float32)):
+            yield dtype
+            return
+        with packed_weights(model, batch=2 if do_cfg else 1, dtype=dtype):
+            yield None
 
     def attention():  # the attention code path of the U-Net and the VAE decoder
         return contextlib.nullcontext() if attention_slice_size is None else attention_backend("sliced", attention_slice_size)
@@ -360,16 +369,20 @@ def generate(
 
     Speed and memory (the defaults change nothing):
 
-    - `dtype`: run the U-Net under autocast to `torch.bfloat16` (CPUs with AVX512-BF16/AMX, GPUs)
-      or `torch.float16` (GPUs), whatever the weights' dtype; the sampler's arithmetic, the noise
-      and the guidance stay in float32. A float16 VAE decoder is always run in float32, where
-      float16 overflows into black images.
+    - `dtype`: run the U-Net in `torch.bfloat16` (CPUs with AVX512-BF16/AMX, GPUs) or
+      `torch.float16` (GPUs), whatever the weights' dtype; the sampler's arithmetic, the noise and
+      the guidance stay in float32. On the CPU (packed) bf16 weights are cast once and packed for
+      the run (`sdlab.packing`; float32 weights stay beside them), elsewhere the U-Net runs under
+      autocast. Weights loaded in bf16 (`preload_models_from_standard_weights(..., dtype=torch.bfloat16)`)
+      run in bf16 with no `dtype` and half the memory. A float16 VAE decoder is always run in
+      float32, where float16 overflows into black images.
     - `low_memory`: tiled VAE decode (`vae_tile_size` latent pixels, default 32), `idle_device`
       defaulting to `"cpu"` on an accelerator, and sliced attention where no fused kernel exists.
     - `attention_slice_size`: explicit attention over this many queries at a time (any device).
     - `vae_tile_size`: tiled VAE decode with tiles of this many latent pixels (overlap 1/4).
-    - `packed`: the float32 convolutions and linear layers of the U-Net (unless under autocast) and
-      the VAE decoder run on weights packed once for oneDNN (`sdlab.packing`). Default: on the CPU.
+    - `packed`: the convolutions and linear layers of the U-Net (float32, or bf16 as above; not under
+      autocast) and the VAE decoder run on weights packed once for oneDNN (`sdlab.packing`).
+      Default: on the CPU.
     """
     if models is None or (isinstance(models, dict) and not models):
         models = default_models(device)
@@ -404,11 +417,9 @@ def generate(
                                               reads_mask=call["reads_mask"])
 
     # 3. Denoise: one U-Net call per step on the whole batch (2N with guidance), then the sampler's update.
-    with using(diffusion, device, idle_device):
-        under_autocast = uses_autocast(dtype, next(diffusion.parameters()).dtype)
-        with packing(diffusion, under_autocast), attention():
-            latents = denoise(diffusion, sampler, latents, context, call["cfg_scale"] if guided else None,
-                              callback=callback, inpainting=inpainting, dtype=dtype, progress=progress)
+    with using(diffusion, device, idle_device), packing(diffusion, dtype) as autocast_dtype, attention():
+        latents = denoise(diffusion, sampler, latents, context, call["cfg_scale"] if guided else None,
+                          callback=callback, inpainting=inpainting, dtype=autocast_dtype, progress=progress)
 
     # 4. Latents -> pixels, one image at a time (the VAE's memory grows with the batch).
     with using(decoder, device, idle_device), attention(), packing(decoder):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -189,8 +191,6 @@ def test_generate_options(models):
 
 
 def test_fp16_decoder_is_run_in_fp32(models):
-    import copy
-
     plain = _generate(models)
     models = {**models, "decoder": copy.deepcopy(models["decoder"]).half()}
     upcast = _generate(models)
@@ -262,3 +262,67 @@ def test_half_precision_autocast_stays_finite_on_the_tiny_model(dtype):
         assert torch.isfinite(ours).all()
         rms = (ours.double() - reference.double()).pow(2).mean().sqrt() / reference.double().std()
         assert rms <= 0.05
+
+
+def _convolutions_and_linears(module):
+    return [m for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
+def test_bf16_packing_casts_once_and_gives_the_weights_back(models, unet_inputs):
+    """`packed_weights(..., dtype=torch.bfloat16)`: every convolution and linear layer but the U-Net's
+    `full_precision_layers` packed in bf16 beside its float32 weight, no autocast, close to float32;
+    a model stored in bf16 is packed in place; both hand back their weights bit for bit. Where oneDNN
+    has no bf16 on this CPU, nothing is packed in bf16 and `generate` autocasts instead."""
+    from sdlab.packing import available, packed_weights
+
+    unet = models["diffusion"]
+    latents, context, time = unet_inputs
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    kept = {id(m) for layer in unet.full_precision_layers() for m in layer.modules()}
+    with torch.no_grad():
+        full = unet(latents, context, time)
+        with packed_weights(unet, dtype=torch.bfloat16):
+            packed = {m: (vars(m).get("forward"), m.weight.dtype, m.weight.numel()) for m in _convolutions_and_linears(unet)}
+            half = unet(latents, context, time)
+    if not available(torch.bfloat16):
+        assert all(forward is None or id(m) in kept for m, (forward, _, _) in packed.items())
+        return
+    assert half.dtype == torch.float32  # the last convolution keeps float32
+    assert max_diff(half, full) <= 3e-2 * full.abs().max().item()
+    for layer, (forward, dtype, numel) in packed.items():
+        assert forward.args[1].dtype == (torch.float32 if id(layer) in kept else torch.bfloat16)
+        assert dtype == torch.float32 and (numel > 0) == (id(layer) not in kept)  # float32 kept beside bf16
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+    stored = copy.deepcopy(unet).to(torch.bfloat16)
+    weights = {k: v.clone() for k, v in stored.state_dict().items()}
+    with torch.no_grad(), packed_weights(stored):
+        assert all(m.weight.numel() == 0 for m in _convolutions_and_linears(stored) if id(m) not in kept)
+        own = stored(latents.bfloat16(), context.bfloat16(), time.bfloat16())
+    assert max_diff(own, full) <= 3e-2 * full.abs().max().item()
+    assert all(torch.equal(v, weights[k]) for k, v in stored.state_dict().items())
+
+
+def test_generate_in_bf16_on_the_cpu_packs_instead_of_autocasting(models, monkeypatch):
+    from sdlab.packing import available
+
+    seen = []
+    hook = models["diffusion"].register_forward_pre_hook(lambda m, args: seen.append(torch.is_autocast_enabled("cpu")))
+    try:
+        bf16 = _generate(models, dtype=torch.bfloat16)
+        unpacked = _generate(models, dtype=torch.bfloat16, packed=False)
+    finally:
+        hook.remove()
+    steps = len(seen) // 2
+    assert seen[:steps] == [not available(torch.bfloat16)] * steps  # packed bf16: no autocast
+    assert seen[steps:] == [True] * steps  # not packed: autocast
+    plain = _generate(models)
+    for image in (bf16, unpacked):
+        assert np.abs(image.astype(int) - plain.astype(int)).mean() < 8
+
+
+def test_models_stored_in_bf16_generate_in_bf16(models):
+    stored = {name: copy.deepcopy(model).to(torch.bfloat16) for name, model in models.items()}
+    plain = _generate(models)
+    image = _generate(stored, low_memory=True)
+    assert all(p.dtype == torch.bfloat16 for p in stored["diffusion"].parameters())
+    assert np.abs(image.astype(int) - plain.astype(int)).mean() < 8
