@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from sdlab import bench
 
@@ -14,9 +17,10 @@ def test_component_rows_compare_equal_outputs(sdlab_models, reference):
     bf16 = bench.bf16_supported()
     rows = bench.component_rows(sdlab_models, theirs, repeat=1, quick=True, bf16=bf16)
     by_key = {(r["component"].split(" (")[0], r["impl"]): r for r in rows}
-    impls = {"sdlab", "diffusers"} | ({"sdlab bf16", "diffusers bf16"} if bf16 else set())
+    impls = {"sdlab", "diffusers"} | ({"sdlab bf16", "diffusers bf16", "sdlab bf16 autocast"} if bf16 else set())
     unet_impls = impls | {"sdlab unpacked", "sdlab recording attention"}
     assert {k for k in by_key if k[0] == "U-Net step"} == {("U-Net step", i) for i in unet_impls}
+    assert all(r["spread_pct"] == 0.0 for r in rows)  # one repeat: no spread
     # recording changes nothing: the same output as without it (bit for bit: tests/test_inspect.py)
     assert by_key[("U-Net step", "sdlab recording attention")]["max_diff"] == by_key[("U-Net step", "sdlab")]["max_diff"]
     assert by_key[("U-Net step", "sdlab unpacked")]["max_diff"] <= 1e-4
@@ -24,8 +28,37 @@ def test_component_rows_compare_equal_outputs(sdlab_models, reference):
         assert by_key[(component, "diffusers")]["ratio"] == 1.0
         assert by_key[(component, "sdlab")]["seconds"] > 0
         assert by_key[(component, "sdlab")]["max_diff"] <= 1e-4, component  # same weights, same function
-    if bf16:  # bf16 autocast against fp32: the goal is within 2e-2 of the fp32 prediction
+    if bf16:  # bf16 (packed once, and autocast) against fp32: the goal is within 2e-2 of the fp32 prediction
         assert by_key[("U-Net step", "sdlab bf16")]["max_diff"] <= 2e-2
+        assert by_key[("U-Net step", "sdlab bf16 autocast")]["max_diff"] <= 2e-2
+
+
+def test_spread_is_the_slowest_repeat_above_the_fastest():
+    assert bench.spread([2.0, 2.5, 2.1]) == 25.0
+    times = bench.interleaved({"a": lambda: None, "b": lambda: None}, repeat=3, warmup=0)
+    assert set(times) == {"a", "b"} and all(len(t) == 3 for t in times.values())
+
+
+def test_peers_without_openvino_give_a_message_and_no_rows(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as where it is not installed
+    assert bench.peer_functions({}, (), bf16=True) == {}
+    assert "OpenVINO is not installed (pip install openvino)" in capsys.readouterr().out
+
+
+def test_image_runs_add_bf16_lean_and_lcm_batches_only_with_bf16():
+    assert bench.image_runs(False, [1, 2]) == [("diffusers", "fp32", 1), ("sdlab", "fp32", 1)]
+    assert bench.image_runs(True, [1, 4])[2:] == [("sdlab", "bf16", 1), ("sdlab", "lean", 1), ("sdlab", "lcm", 1),
+                                                  ("sdlab", "lcm", 4)]
+
+
+def test_gpu_check_names_the_missing_device(capsys):
+    if torch.cuda.is_available():  # a GPU machine runs the check itself (tools/gpu_check.sh)
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import gpu_check
+
+    assert gpu_check.main(["--ckpt", "unused.safetensors"]) == 2
+    assert "no CUDA device here" in capsys.readouterr().err
 
 
 def test_whole_image_runs_one_subprocess_per_library(sd15_file, tmp_path):

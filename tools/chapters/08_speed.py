@@ -135,7 +135,8 @@ for backend in seconds:
 # fp32 (the cell measures by how much). Under `torch.autocast("cpu", dtype=torch.bfloat16)` the convolutions and matrix
 # products run in bf16 while normalisations and softmax stay in fp32; sdlab also keeps the U-Net's
 # first and last convolutions in fp32 (`full_precision`), since the last one sets the precision of
-# the noise prediction. One SD1.5 residual block and one transformer block at the 32×32 level:
+# the noise prediction. One SD1.5 residual block and one transformer block at the 32×32 level (an
+# 8×8 corner of it on a CPU without native bf16, where emulated bf16 is slow):
 
 # %%
 from sdlab.bench import bf16_supported
@@ -144,9 +145,10 @@ from sdlab.diffusion import UNET_AttentionBlock, UNET_ResidualBlock
 torch.manual_seed(0)
 res_block, attn_block = UNET_ResidualBlock(640, 640).eval(), UNET_AttentionBlock(8, 80).eval()
 feature, emb, ctx = torch.randn(2, 640, 32, 32), torch.randn(2, 1280), torch.randn(2, 77, 768)
+x = feature if bf16_supported() else feature[..., :8, :8].contiguous()  # (2, 640, 32, 32) or (2, 640, 8, 8)
 
 def blocks():
-    return attn_block(res_block(feature, emb), ctx)
+    return attn_block(res_block(x, emb), ctx)
 
 def blocks_bf16():
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -155,9 +157,26 @@ def blocks_bf16():
 with torch.no_grad():
     fp32, bf16 = blocks(), blocks_bf16()
     t32, t16 = best_time(blocks), best_time(blocks_bf16)
-print(f"fp32 {t32:.3f} s, bf16 autocast {t16:.3f} s ({t16 / t32:.2f}x); output std {fp32.std():.2f}, "
+print(f"{tuple(x.shape)}: fp32 {t32:.3f} s, bf16 autocast {t16:.3f} s ({t16 / t32:.2f}x); output std {fp32.std():.2f}, "
       f"max |diff| {max_diff(bf16, fp32):.3f}")
 print("this CPU has native bf16 (AVX512-BF16 / AMX):", bf16_supported())
+
+# %% [markdown]
+# Autocast decides at every call: each time a convolution runs, its float32 weight is cast to
+# bf16 again (and, for oneDNN, reordered again). `generate(..., dtype=torch.bfloat16)` on the CPU
+# does not autocast: it casts every convolution and linear weight to bf16 **once** and packs it
+# for oneDNN (`packed_weights(..., dtype=torch.bfloat16)`, next sections), and the activations
+# then flow in bf16 from layer to layer; normalisations keep float32 weights, and the first and
+# last convolutions stay float32. The same two blocks that way (on a CPU without bf16 in oneDNN
+# nothing is packed in bf16 and the time is float32's):
+
+# %%
+from sdlab.packing import available, packed_weights
+
+with torch.no_grad(), packed_weights(res_block, attn_block, dtype=torch.bfloat16):
+    packed_bf16, t_packed = blocks().float(), best_time(blocks)
+print(f"bf16 packed once {t_packed:.3f} s ({t_packed / t32:.2f}x fp32, {t_packed / t16:.2f}x autocast), "
+      f"max |diff| {max_diff(packed_bf16, fp32):.3f}; oneDNN computes bf16 here: {available(torch.bfloat16)}")
 
 # %% [markdown]
 # On a CPU without native bf16 the products are emulated and autocast is *slower*, and bf16
@@ -206,8 +225,6 @@ print(f"residual block: contiguous {t_plain:.3f} s, channels_last {t_cl:.3f} s (
 # ```
 
 # %%
-from sdlab.packing import packed_weights
-
 # The U-Net's 16x16 level, where the weights are largest next to the activations. Inside the U-Net a
 # packed layer receives channels-last activations from the packed layer before it, so this one does too.
 deep_block = UNET_ResidualBlock(1280, 1280).eval()
@@ -349,8 +366,10 @@ print("tiled VAE decode: mean pixel difference", round(float(np.abs(tiled.astype
 # * Packing the weights once for oneDNN removes the copying of {glue:text}`conv_weight_gb:.2f` GB
 #   of convolution weights per U-Net step; it is the one CPU choice that makes sdlab's float32
 #   step faster than diffusers'.
-# * bf16 autocast changes the noise prediction (of unit scale) by up to
-#   {glue:text}`bench_bf16_diff:.3f` in the benchmark; keep the last convolution in fp32 and use it only on CPUs with native bf16.
+# * bf16 changes the noise prediction (of unit scale) by up to {glue:text}`bench_bf16_diff:.3f` in
+#   the benchmark; cast the weights once rather than autocasting at every call, keep the first and
+#   last convolutions in fp32, and use it only on CPUs with native bf16. Stored in bf16
+#   (`preload_models_from_standard_weights(..., dtype=torch.bfloat16)`), the weights take half the memory.
 # * `python -m sdlab bench` puts every number here next to `diffusers` on the same weights.
 #
 # ## Exercises
