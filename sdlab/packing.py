@@ -91,15 +91,15 @@ def _plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
 
 
 class _ConvWeight:
-    """A convolution weight packed for one input shape, packed again when the input shape changes:
-    oneDNN picks its layout for a shape, and a layout picked for another one can be many times slower
-    (a 1280-channel 3x3 convolution packed for 16x16 inputs ran 141x slower on 2x2 inputs, and 1.9x
-    on 32x32 ones, than packed for the shape it ran on; 14x slower than plain on 2x2). Re-packing is
-    lossless."""
+    """A convolution weight packed at its first call for that call's input shape, and packed again
+    when the input shape changes: oneDNN picks its layout for a shape, and a layout picked for another
+    one can be many times slower (a 1280-channel 3x3 convolution packed for 16x16 inputs ran 141x
+    slower on 2x2 inputs, and 1.9x on 32x32 ones, than packed for the shape it ran on; 14x slower
+    than plain on 2x2). Re-packing is lossless."""
 
-    def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, shape: tuple[int, ...]):
-        self.conv, self.dtype, self.packed, self.shape = conv, weight.dtype, weight, None
-        self.pack_for(shape)
+    def __init__(self, conv: nn.Conv2d, weight: torch.Tensor):
+        # plain (an alias of the weight's storage, or its bf16 copy) until the first call packs it
+        self.conv, self.dtype, self.packed, self.shape = conv, weight.dtype, weight.detach(), None
 
     def pack_for(self, shape: tuple[int, ...]) -> None:
         conv, dense = self.conv, self.to_dense()
@@ -140,8 +140,7 @@ def _pack(module: nn.Module, batch: int, dtype: torch.dtype | None = None):
     weight = weight.to(dtype)
     bias = None if module.bias is None else module.bias.to(dtype)
     if type(module) is nn.Conv2d and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
-        # packed for a first guess of the input shape; packed again at the first call of another shape
-        packed = _ConvWeight(module, weight, (batch, weight.shape[1] * module.groups, 16, 16))
+        packed = _ConvWeight(module, weight)  # packed at its first call, for that call's input shape
         return packed, functools.partial(_conv_forward, module, packed, bias)
     if type(module) is nn.Linear:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch * TOKENS_HINT)
@@ -155,8 +154,9 @@ def packed_weights(*modules: nn.Module, batch: int = 2, dtype: torch.dtype | Non
     packed once for oneDNN.
 
     For inference only (no gradients reach packed weights); `pipeline.generate` uses it on the CPU.
-    `batch` is the batch size the layouts are tuned for (2 for classifier-free guidance); any batch
-    and size still runs. `dtype`: `torch.bfloat16` packs (and computes) those layers in bf16; None
+    `batch` is the batch size the linear layers' layouts are tuned for (2 for classifier-free
+    guidance); a convolution is packed at its first call, for that call's input shape (and again
+    when the shape changes). Any batch and size runs. `dtype`: `torch.bfloat16` packs (and computes) those layers in bf16; None
     keeps each weight's own dtype (float32 or bfloat16); layers are packed in bf16 only where
     `available(torch.bfloat16)`, and left plain elsewhere. Under autocast, or for inputs that are
     neither float32 nor bfloat16, a packed layer falls back to the plain computation. Does nothing
