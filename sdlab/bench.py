@@ -182,8 +182,10 @@ def peer_functions(theirs: dict, inputs: tuple, bf16: bool) -> dict:
     return fns
 
 
-def component_rows(ours: dict, theirs: dict, repeat: int, quick: bool, bf16: bool, peers: bool = False) -> list[dict]:
-    """CLIP, one U-Net step and a VAE decode, sdlab against diffusers (and OpenVINO with `peers`).
+def component_rows(ours: dict, theirs: dict, repeat: int, quick: bool, bf16: bool, peers: bool = False,
+                   size: int | None = None) -> list[dict]:
+    """CLIP, one U-Net step and a VAE decode, sdlab against diffusers (and OpenVINO with `peers`), on
+    `size` x `size` latents (default 64, `quick` 32).
 
     The U-Net runs in three rounds, each with diffusers fp32 for the ratios: packed fp32 (as
     `generate` runs on the CPU; also while recording attention), packed bf16 (as `generate(...,
@@ -193,7 +195,7 @@ def component_rows(ours: dict, theirs: dict, repeat: int, quick: bool, bf16: boo
     from .tokenizer import load_tokenizer
 
     tokens = torch.tensor(load_tokenizer()([PROMPT, ""], padding="max_length", max_length=77, truncation=True).input_ids)
-    size = 32 if quick else 64
+    size = size or (32 if quick else 64)
     vae_latents = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(1))
 
     rows = timed_rows("CLIP (2x77 tokens)", {

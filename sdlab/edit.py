@@ -44,7 +44,8 @@ fix that). Editing a real picture: invert with its own prompt, sample from the n
 prompt, plain or with `swap_words(..., latents=noise)` for the maps of the reconstruction
 (`edit_picture` does both).
 
-**Measured on the tiny model** (DDIM, 20 steps, guidance 5; the analyzer reads every image):
+**Measured on the tiny model** (DDIM, 20 steps, guidance 5, passed as `cfg_scale=5`: the model's
+default is 2.5; the analyzer reads every image):
 
 * *Word swap*, 48 single-object prompts (24 held-out, 24 train split), the shape word swapped:
   the new shape with the source's colour and position in 100% of pairs for every $k$ from 0

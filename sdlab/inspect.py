@@ -361,7 +361,7 @@ def localization_report(models: dict, prompts: list[str], seeds: list[int], choi
     lies inside the object's box, as the analyzer finds the object in the generated image, grown
     by `margin` pixels (default one latent pixel, the VAE's downscale) on every side.
 
-    Generates the images with `sdlab.tiny.evaluate.generate_batch` (DPM++ 2M, 20 steps, CFG 5)
+    Generates the images with `sdlab.tiny.evaluate.generate_batch` (DPM++ 2M, 20 steps, the model's guidance)
     while recording (per head, the prompt tokens only). Returns
     `{choice: {"shape": {"mean": m, "at_least": f}, "colour": {...}}}`, `at_least` the fraction of
     prompts with at least `threshold` of the mass inside; a prompt whose object is not found counts 0.

@@ -15,7 +15,7 @@ from sdlab import bench
 def test_component_rows_compare_equal_outputs(sdlab_models, reference):
     theirs = {"clip": reference["clip"], "unet": reference["unet"], "vae": reference["vae"]}
     bf16 = bench.bf16_supported()
-    rows = bench.component_rows(sdlab_models, theirs, repeat=1, quick=True, bf16=bf16)
+    rows = bench.component_rows(sdlab_models, theirs, repeat=1, quick=True, bf16=bf16, size=16)  # 16x16: CI time
     by_key = {(r["component"].split(" (")[0], r["impl"]): r for r in rows}
     impls = {"sdlab", "diffusers"} | ({"sdlab bf16", "diffusers bf16", "sdlab bf16 autocast"} if bf16 else set())
     unet_impls = impls | {"sdlab unpacked", "sdlab recording attention"}

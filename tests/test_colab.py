@@ -6,6 +6,10 @@ libraries of this one (so that nothing is downloaded) except sdlab itself. A sta
 `google.colab` module is imported when that kernel starts, so the setup cell takes its Colab
 branch and installs `sdlab[book]` from `SDLAB_INSTALL_SOURCE`, a wheel built here from the working
 tree: every `import sdlab` the chapter makes then reads the installed copy, never the repository.
+
+This is also the chapters' nbval run: nbval executes each copy there and compares the outputs of
+the cells tagged `nbval-check-output` with the stored ones (the course notebooks, which have no
+Colab setup, run under nbval in the main session: `testpaths` in `pyproject.toml`).
 """
 
 from __future__ import annotations
@@ -85,66 +89,43 @@ def monkeypatch_module():
         yield patch
 
 
-# Each notebook is executed by a small client process of its own (a fresh Python, not this pytest
-# process with the SD1.5 models in memory), under a hard time limit: a kernel that stops answering
-# fails the test instead of stopping the run. The client logs when each cell starts and ends, so a
-# slow or stuck cell is named in the report.
-RUNNER = """
-import json, sys, time, nbformat
+# Each notebook runs under nbval (the outputs of cells tagged nbval-check-output compared with the
+# stored ones) in a pytest process of its own, in the notebook's clean folder, with the stand-in as
+# its kernel: this is the book's nbval run (`pyproject.toml` leaves the chapters out of the main
+# session's), so every chapter runs once, as Colab runs it. A last cell checks, inside the kernel, that
+# it was the stand-in and that sdlab came from the installed wheel. A hard time limit stops a kernel
+# that stops answering (nbval names the cell that ran out of its own limit).
+CHECK_CELL = """import sys
 from pathlib import Path
-sys.path.insert(0, TOOLS)
-from nbrun import SlicedClient  # waits for replies in one-second slices (see tools/nbrun.py)
-path, kernel, log = sys.argv[1:4]
-nb = nbformat.read(path, as_version=4)
-start = time.monotonic()
-def note(event):
-    def hook(cell, cell_index, **_):
-        with open(log, "a") as f:
-            f.write(json.dumps([event, cell_index, round(time.monotonic() - start, 1), cell.source[:60]]) + "\\n")
-    return hook
-SlicedClient(nb, timeout=CELL_TIMEOUT, kernel_name=kernel, resources={"metadata": {"path": str(Path(path).parent)}},
-             on_cell_execute=note("start"), on_cell_executed=note("end")).execute()
-nbformat.write(nb, path)
+
+import sdlab
+
+assert "google.colab" in sys.modules, "the kernel did not import the Colab stand-in"
+assert Path(sys.prefix) == Path({env!r}), f"the kernel runs {{sys.prefix}}, not the clean environment"
+where = Path(sdlab.__file__)
+assert where.is_relative_to(sys.prefix) and not where.is_relative_to({root!r}), f"sdlab came from {{where}}"
 """
 CELL_TIMEOUT, NOTEBOOK_TIMEOUT = 300, 900
-
-
-def _cell_times(log: Path) -> str:
-    """Each cell's seconds from the client's log, the slowest first; a cell that never ended is first."""
-    events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    started = {cell: (t, source) for event, cell, t, source in events if event == "start"}
-    ended = {cell: t for event, cell, t, _ in events if event == "end"}
-    rows = [(ended.get(cell, float("inf")) - t, cell, source) for cell, (t, source) in started.items()]
-    return "\n".join(f"  cell {cell}: {'never ended' if seconds == float('inf') else f'{seconds:.1f} s'}  {source!r}"
-                     for seconds, cell, source in sorted(rows, reverse=True)[:5])
 
 
 @pytest.mark.parametrize("name", CHAPTERS)
 def test_notebook_runs_in_a_clean_folder_like_colab(colab_kernel, tmp_path, name):
     nb = nbformat.read(ROOT / "book" / f"{name}.ipynb", as_version=4)
-    nb.cells.append(nbformat.v4.new_code_cell(
-        "import json, sys, sdlab\nprint(json.dumps([sys.prefix, sdlab.__file__, 'google.colab' in sys.modules]))"))
-    path, log = tmp_path / f"{name}.ipynb", tmp_path / "cells.log"
-    nbformat.write(nb, path)
-    runner = RUNNER.replace("CELL_TIMEOUT", str(CELL_TIMEOUT)).replace("TOOLS", repr(str(ROOT / "tools")))
-    command = [sys.executable, "-c", runner, str(path), KERNEL, str(log)]
-    # a session of its own, so that a client that runs out of time is stopped with its kernel
-    client = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                              start_new_session=True)
+    nb.cells.append(nbformat.v4.new_code_cell(CHECK_CELL.format(env=str(colab_kernel), root=str(ROOT))))
+    nbformat.write(nb, tmp_path / f"{name}.ipynb")
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")  # the folder's own (empty) settings, not the repository's
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax", "--color=no",
+               f"--nbval-kernel-name={KERNEL}", f"--nbval-cell-timeout={CELL_TIMEOUT}",
+               "--nbval-kernel-startup-timeout=120", f"{name}.ipynb"]
+    # a session of its own, so that a run that runs out of time is stopped with its kernel
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                           start_new_session=True)
     try:
-        _, stderr = client.communicate(timeout=NOTEBOOK_TIMEOUT)
+        printed, _ = run.communicate(timeout=NOTEBOOK_TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(client.pid, signal.SIGKILL)
-        client.communicate()
-        pytest.fail(f"{name} did not finish in {NOTEBOOK_TIMEOUT} s in the Colab stand-in; slowest cells:\n{_cell_times(log)}")
-    assert client.returncode == 0, f"{name} failed in the Colab stand-in:\n{stderr[-3000:]}\nslowest cells:\n{_cell_times(log)}"
-    print(f"{name}, slowest cells:\n{_cell_times(log)}")
-    nb = nbformat.read(path, as_version=4)
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    assert not errors, errors
-    # the kernel may send the printed line as more than one stream message
-    printed = "".join(o.text for o in nb.cells[-1].outputs if o.output_type == "stream" and o.name == "stdout")
-    prefix, where, colab = json.loads(printed.strip().splitlines()[-1])
-    assert colab and Path(prefix) == colab_kernel, "the kernel was not the clean Colab stand-in"
-    assert Path(where).is_relative_to(colab_kernel), f"sdlab came from {where}, not from the installed wheel"
-    assert not Path(where).is_relative_to(ROOT)
+        os.killpg(run.pid, signal.SIGKILL)
+        printed, _ = run.communicate()
+        pytest.fail(f"{name} did not finish in {NOTEBOOK_TIMEOUT} s in the Colab stand-in:\n{printed[-4000:]}")
+    cells = sum(c.cell_type == "code" for c in nb.cells)
+    assert run.returncode == 0, f"{name} failed under nbval in the Colab stand-in:\n{printed[-6000:]}"
+    assert f"{cells} passed" in printed, f"nbval did not run all {cells} code cells of {name}:\n{printed[-2000:]}"

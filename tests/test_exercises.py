@@ -146,7 +146,7 @@ CASES = {
                          "σ = η sqrt((1 - ᾱ') / (1 - ᾱ))"),
     "check_negative_prompt": (lambda: (("a large circle in the center", "a large white circle in the center", "white"), {}),
                               lambda: (("a large circle in the center", "", "white"), {}), "still give white"),
-    "check_enough_steps": (lambda: (("dpmpp_2m", 15), {}), lambda: (("dpmpp_2m", 8), {}), "use more steps"),
+    "check_enough_steps": (lambda: (("dpmpp_2m", 15), {}), lambda: (("dpmpp_2m", 4), {}), "use more steps"),
     "check_loss_per_bucket": (lambda: ((bucket_means,), {}),
                               lambda: ((lambda t, loss, n: bucket_means(t, loss, n, mean=False),), {}), "divide by the count"),
     "check_vae_downsampling": (lambda: (((4, 16, 16), vae_flops_ratio(16)), {}),

@@ -53,7 +53,7 @@ def test_shipped_model_loads_through_the_public_loader(tiny):
 @pytest.mark.parametrize("prompt,seed", FIXED)
 def test_fixed_heldout_prompts_are_followed(tiny, tokenizer, prompt, seed):
     image = generate(prompt, models=tiny, seed=seed, height=64, width=64, sampler_name="dpmpp_2m",
-                     n_inference_steps=20, cfg_scale=5.0, tokenizer=tokenizer, progress=False)
+                     n_inference_steps=20, tokenizer=tokenizer, progress=False)  # the model's guidance
     assert image.shape == (64, 64, 3)
     result = analyzer.score(prompt, image)
     assert result["colour"] == result["shape"] == result["position"] == 1.0, (prompt, analyzer.describe(image), result)
@@ -199,12 +199,12 @@ def test_command_line_trains_and_evaluates(tmp_path, capsys):
 
 
 def test_heldout_prompt_following_meets_the_goals(tiny):
-    """A fresh sample of the evaluation (50 held-out prompts, DPM++ 2M, 20 steps, CFG 5), not the report."""
+    """A fresh sample of the evaluation (50 held-out prompts, DPM++ 2M, 20 steps, the model's CFG), not the report."""
     from sdlab.tiny.data import heldout_prompts
     from sdlab.tiny.evaluate import evaluate_models
 
     prompts = heldout_prompts(50, seed=123)
-    (row,) = evaluate_models(tiny, prompts, list(range(50)), [("dpmpp_2m", 20)], cfg_scale=5.0, log=lambda *a: None)
+    (row,) = evaluate_models(tiny, prompts, list(range(50)), [("dpmpp_2m", 20)], log=lambda *a: None)
     assert row["colour"] >= 0.9 and row["shape"] >= 0.85 and row["position"] >= 0.85, row
 
 
@@ -216,5 +216,17 @@ def test_plain_prompts_are_followed(tiny):
 
     prompts = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES] * 2
     seeds = list(range(300, 300 + len(prompts)))
-    (row,) = evaluate_models(tiny, prompts, seeds, [("dpmpp_2m", 20)], cfg_scale=5.0, log=lambda *a: None)
+    (row,) = evaluate_models(tiny, prompts, seeds, [("dpmpp_2m", 20)], log=lambda *a: None)
     assert row["count"] >= 0.9 and row["all"] >= 0.9, row
+
+
+def test_two_object_prompts_with_a_heldout_pair_are_followed(tiny):
+    """Two objects, one of them a held-out colour-shape pair, on prompts and seeds the report does not
+    use (its figure: 85% all correct on 200; measured on other seed sets: 87-87.5%)."""
+    from sdlab.tiny.data import heldout_prompts
+    from sdlab.tiny.evaluate import evaluate_models
+
+    prompts = heldout_prompts(60, seed=321, two_object_prob=1.0)
+    seeds = list(range(9100, 9160))
+    (row,) = evaluate_models(tiny, prompts, seeds, [("dpmpp_2m", 20)], log=lambda *a: None)
+    assert row["count"] >= 0.9 and row["all"] >= 0.75, row

@@ -41,7 +41,7 @@ def evaluate_parser(parser=None) -> argparse.ArgumentParser:
     p.add_argument("--ckpt", default=None, help="checkpoint (default: the bundled tiny model)")
     p.add_argument("--n-prompts", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg-scale", type=float, default=5.0)
+    p.add_argument("--cfg-scale", type=float, default=None, help="guidance (default: the checkpoint's own; tiny: 2.5)")
     p.add_argument("--runs", default=",".join(f"{name}:{steps}" for name, steps in DEFAULT_RUNS),
                    help="comma-separated sampler:steps pairs")
     p.add_argument("--report", default=None, help="write the figures as JSON here")

@@ -62,9 +62,10 @@ def vae_psnr(encoder, decoder, images: torch.Tensor, batch: int = 100) -> float:
 
 @torch.no_grad()
 def generate_batch(models: dict, prompts: list[str], seeds: list[int], sampler_name: str = "dpmpp_2m",
-                   n_inference_steps: int = 20, cfg_scale: float = 5.0, tokenizer=None, size: int = IMAGE_SIZE,
+                   n_inference_steps: int = 20, cfg_scale: float | None = None, tokenizer=None, size: int = IMAGE_SIZE,
                    sampler_seed: int = 0) -> np.ndarray:
-    """Images (B, size, size, 3) uint8 for many prompts at once, through the stages of `pipeline.generate`.
+    """Images (B, size, size, 3) uint8 for many prompts at once, through the stages of `pipeline.generate`
+    (`cfg_scale=None`: the model's own, `models["diffusion"].sampling.cfg_scale`).
 
     As `generate`: initial noise `torch.randn` from a CPU generator seeded with each prompt's seed
     (so deterministic samplers give the same images as `generate`), CFG with the empty prompt, the
@@ -84,17 +85,19 @@ def generate_batch(models: dict, prompts: list[str], seeds: list[int], sampler_n
     context = torch.cat([cond, uncond])  # (2B, 77, d): the prompts, then B copies of the empty prompt
     sampler = make_sampler(sampler_name, torch.Generator().manual_seed(sampler_seed))
     sampler.set_inference_timesteps(n_inference_steps)
+    cfg_scale = diffusion.sampling.cfg_scale if cfg_scale is None else cfg_scale
     latents = denoise(diffusion, sampler, noise * sampler.init_noise_sigma, context, cfg_scale)
     return to_uint8(decode(decoder, latents))
 
 
-def evaluate_models(models: dict, prompts: list[str], seeds: list[int], runs, cfg_scale: float = 5.0,
+def evaluate_models(models: dict, prompts: list[str], seeds: list[int], runs, cfg_scale: float | None = None,
                     batch: int = 100, log=print) -> list[dict]:
-    """Analyzer accuracy per attribute for each (sampler, steps) in `runs`."""
+    """Analyzer accuracy per attribute for each (sampler, steps) in `runs` (`cfg_scale=None`: the model's)."""
     from ..tokenizer import load_tokenizer
     from .analyzer import evaluate
 
     tokenizer = load_tokenizer()
+    cfg_scale = models["diffusion"].sampling.cfg_scale if cfg_scale is None else cfg_scale
     results = []
     for sampler_name, steps in runs:
         t = time.time()
@@ -146,16 +149,18 @@ def time_generate(models: dict, prompt: str = "a large red circle in the center"
     for i in range(n):
         t = time.perf_counter()
         generate(prompt, models=models, seed=i, height=IMAGE_SIZE, width=IMAGE_SIZE, sampler_name=sampler_name,
-                 n_inference_steps=steps, cfg_scale=5.0, tokenizer=tokenizer, progress=False)
+                 n_inference_steps=steps, tokenizer=tokenizer, progress=False)
         times.append(time.perf_counter() - t)
     return float(np.median(times))
 
 
-def evaluate_checkpoint(ckpt=None, n_prompts: int = 200, seed: int = 0, cfg_scale: float = 5.0, runs=DEFAULT_RUNS,
+def evaluate_checkpoint(ckpt=None, n_prompts: int = 200, seed: int = 0, cfg_scale: float | None = None, runs=DEFAULT_RUNS,
                         report=None, training: dict | None = None, log=print) -> dict:
     """Load a checkpoint through the public loader and report prompt-following on held-out prompts,
-    train-split prompts (dpmpp_2m, 20 steps), VAE PSNR and the time per 64x64 image."""
+    train-split prompts (dpmpp_2m, 20 steps), VAE PSNR and the time per 64x64 image, at guidance
+    `cfg_scale` (None: the checkpoint's own)."""
     models = preload_models_from_standard_weights(ckpt)
+    cfg_scale = models["diffusion"].sampling.cfg_scale if cfg_scale is None else cfg_scale
     prompts = heldout_prompts(n_prompts, seed=seed)
     seeds = list(range(1000 + seed, 1000 + seed + n_prompts))
     log(f"held-out prompts ({n_prompts}), CFG {cfg_scale}:")

@@ -355,8 +355,14 @@ def train_lora(models: dict, settings: LoraSettings | None = None, log=print) ->
 # --------------------------------------------------------------------------------------------------
 
 
+#: The guidance the fine-tuned concepts are generated with: a concept learned from 32 pictures is a
+#: weak pull that guidance amplifies. At the tiny model's default (2.5) the shipped `<diamond>` reads as a
+#: diamond in 5% of template prompts, at 5 in 40%.
+EVAL_CFG_SCALE = 5.0
+
+
 def generate(models: dict, tokenizer, prompts: list[str], seeds: list[int], steps: int = 20,
-             cfg_scale: float = 5.0, batch: int = 64) -> np.ndarray:
+             cfg_scale: float = EVAL_CFG_SCALE, batch: int = 64) -> np.ndarray:
     """Images (n, 64, 64, 3) uint8 of `prompts` with `seeds`, DPM++ 2M (`evaluate.generate_batch`)."""
     from .evaluate import generate_batch
 

@@ -384,6 +384,7 @@ for (name, cfg, *steps), value in right.items():
     glue(f"order_{name}_{cfg:g}" + (f"_{steps[0]}" if steps else ""), value)
 glue("order_first_beats_second", "better" if min(right["ddim", 5.0], right["euler", 5.0]) > right["dpmpp_2m", 5.0] else "no better")
 glue("order_cfg_helps", "rises" if right["dpmpp_2m", 2.0] > right["dpmpp_2m", 5.0] else "does not rise")
+glue("tiny_cfg", tiny["diffusion"].sampling.cfg_scale)
 
 # %% [markdown]
 # :::{admonition} The tiny model, not SD1.5
@@ -395,7 +396,9 @@ glue("order_cfg_helps", "rises" if right["dpmpp_2m", 2.0] > right["dpmpp_2m", 5.
 # {glue:text}`order_cfg_helps` to {glue:text}`order_dpmpp_2m_2:.0%`, and with `20` steps at CFG `5`
 # it reaches {glue:text}`order_dpmpp_2m_5_20:.0%`. So the few-step failure is the second-order
 # correction under strong guidance, not the model: with a small guidance scale, more steps, or a
-# first-order step, it goes away. On SD1.5, DPM++ 2M at about twenty steps and CFG `7.5` is the
+# first-order step, it goes away. (Strong guidance costs the tiny model colours even at `20` steps,
+# so it samples at CFG {glue:text}`tiny_cfg` by default: `python -m sdlab evaluate --cfg-scale` measures
+# any scale, and chapter 7 shows the figures at the default.) On SD1.5, DPM++ 2M at about twenty steps and CFG `7.5` is the
 # usual choice; at very few steps and high guidance the same overshoot is why first-order or
 # "lower order final" variants exist.
 # :::

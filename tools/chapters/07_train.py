@@ -248,7 +248,7 @@ if model_loader.DEFAULT_CHECKPOINT.exists():
                "a yellow triangle", "two big purple squares", *shapes.heldout_prompts(4, seed=0)]
     with torch.no_grad():
         images = generate_batch(tiny, prompts, seeds=list(range(len(prompts))), sampler_name="dpmpp_2m",
-                                n_inference_steps=20, cfg_scale=5.0)
+                                n_inference_steps=20)  # the model's own guidance
     fig, axes = plt.subplots(2, 4, figsize=(11, 7.0))
     for ax, prompt, image in zip(axes.flat, prompts, images):
         ok = analyzer.score(prompt, image)["all"] == 1.0
@@ -276,6 +276,7 @@ import json
 from sdlab.tiny.evaluate import prompt_families
 
 report = json.loads((model_loader.DEFAULT_CHECKPOINT.parent / "tiny_report.json").read_text())
+print(f"{report['n_prompts']} prompts per row, guidance (CFG) {report['heldout'][0]['cfg_scale']:g}\n")
 print(f"{'prompts':10s} {'sampler':16s} {'steps':>5s}" + "".join(f"{k:>9s}" for k in ("colour", "shape", "size", "position", "relation", "all")))
 for split in ("heldout", "train_split"):
     for row in report[split]:

@@ -48,7 +48,6 @@ from sdlab import lora, model_loader
 from sdlab.diffusion import get_time_embedding
 from sdlab.tiny import analyzer, finetune
 from sdlab.tiny import data as shapes
-from sdlab.tiny.evaluate import generate_batch
 from sdlab.tokenizer import load_tokenizer
 
 torch.set_num_threads(1)  # the tiny model: one thread is faster and steadier than two
@@ -56,6 +55,7 @@ DATA = model_loader.DEFAULT_CHECKPOINT.parent
 report = json.loads((DATA / "finetune_report.json").read_text())
 TI, LORA = finetune.InversionSettings(), finetune.LoraSettings()
 glue("n_images", TI.n_images)
+glue("eval_cfg", finetune.EVAL_CFG_SCALE)
 
 
 def show(images, titles, columns=4, size=2.6, title=None):
@@ -77,7 +77,9 @@ def show(images, titles, columns=4, size=2.6, title=None):
 #
 # The training pictures are drawn by `shapes.render`, as in chapter 7, with the new shape. Each is
 # captioned twice: with the full caption and with a paraphrase (`shapes.caption_variants`), so that
-# the short prompts a reader types work too.
+# the short prompts a reader types work too. Every picture of this chapter is generated at guidance
+# {glue:text}`eval_cfg` (`finetune.EVAL_CFG_SCALE`), above the tiny model's default: a concept learned
+# from a few pictures is a weak pull on the U-Net, and guidance is what amplifies it.
 
 # %%
 scenes = shapes.concept_scenes(TI.n_images, TI.seed, shape=TI.shape, size=TI.size)
@@ -97,7 +99,7 @@ PROMPTS = ["a red diamond", "a large blue diamond in the top left", "a yellow di
            "a big white diamond in the middle"]
 SEEDS = [11, 12, 13, 14]
 with torch.no_grad():
-    before = generate_batch(models, PROMPTS, SEEDS, tokenizer=tokenizer)
+    before = finetune.generate(models, tokenizer, PROMPTS, SEEDS)
 show(before, [f"{p}\n{analyzer.verdict(p, image)}" for p, image in zip(PROMPTS, before)],
      title="before fine-tuning: the plain word")
 plain = report["textual_inversion"]["plain_word_without_token"]
@@ -158,7 +160,7 @@ tokenizer_ti = load_tokenizer()
 finetune.load_embedding(models, tokenizer_ti, DATA / "diamond-embedding.safetensors")
 TI_PROMPTS = [p.replace("diamond", TI.token) for p in PROMPTS]
 with torch.no_grad():
-    after = generate_batch(models, TI_PROMPTS, SEEDS, tokenizer=tokenizer_ti)
+    after = finetune.generate(models, tokenizer_ti, TI_PROMPTS, SEEDS)
 show(after, [f"{p}\n{analyzer.verdict(q, image)}" for p, q, image in zip(TI_PROMPTS, PROMPTS, after)],
      title="after textual inversion: the new word")
 bare, template = full["bare_prompt"], full["template"]
@@ -239,7 +241,7 @@ rows, titles = [], []
 for scale in (0.0, 0.5, 1.0):
     handle = lora.load_lora(fresh, DATA / "diamond-lora.safetensors", scale=scale)
     with torch.no_grad():
-        images = generate_batch(fresh, LORA_PROMPTS, SEEDS, tokenizer=tokenizer)
+        images = finetune.generate(fresh, tokenizer, LORA_PROMPTS, SEEDS)
     handle.remove()
     rows.extend(images)
     titles.extend(f"scale {scale:g}: {p}\n{analyzer.verdict(p, image)}" for p, image in zip(LORA_PROMPTS, images))
