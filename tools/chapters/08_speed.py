@@ -16,7 +16,7 @@
 # (classifier-free guidance), plus one VAE decode; each choice below changes that cost, and none of them may change
 # the picture by more than the precision it trades. We measure each choice on **SD1.5-size layers**
 # (random weights: the speed of a layer does not depend on its values), then on the **tiny model**,
-# and end with whole 512×512 images against `diffusers` from `python -m sdlab bench`.
+# and end with whole 512×512 images against `diffusers` and OpenVINO from `python -m sdlab bench`.
 #
 # Timings are the best of a few runs on the machine that executed this notebook
 # ({glue:text}`threads` threads for the rendered book); rerun the cells on yours.
@@ -24,7 +24,7 @@
 # :::{admonition} This chapter
 # **You will learn** where a U-Net step's arithmetic goes, what fused attention, bf16 autocast,
 # memory layout and packed weights each save on a CPU, how few sampler steps are enough, and how
-# sdlab compares with diffusers on whole images.
+# sdlab compares with diffusers and OpenVINO on whole images.
 #
 # **You need** chapters 1, 4 and 5 (chapter 7's tiny model for the sampler sweep).
 #
@@ -292,12 +292,13 @@ glue("sweep_prompts", len(prompts))
 # The full evaluation of the tiny model is `sdlab/data/tiny_report.json`.
 # :::
 #
-# ## Whole images against diffusers
+# ## Whole images against diffusers and OpenVINO
 #
-# `python -m sdlab bench --ckpt FILE` loads the same SD1.5-layout file into sdlab and into
-# transformers/diffusers, times each component alternately (the best of a few runs), then
-# generates a whole 512×512 image with DPM++ 2M in a fresh process per library so that each peak memory
-# is its own. The figures below were recorded by that command on random weights in the real
+# `python -m sdlab bench --ckpt FILE --peers` loads the same SD1.5-layout file into sdlab, into
+# transformers/diffusers and (converted from diffusers' U-Net) into OpenVINO, times each component
+# alternately (the best of a few runs, with the spread: how much slower the slowest repeat was),
+# then generates whole 512×512 images with DPM++ 2M in a fresh process per run so that each peak
+# memory is its own. The figures below were recorded by that command on random weights in the real
 # file's layout (the speed does not depend on the weights):
 
 # %%
@@ -305,22 +306,70 @@ import json
 import textwrap
 from importlib import resources
 
+from sdlab.bench import format_table
+
 bench = json.loads((resources.files("sdlab") / "data" / "bench_sd15_cpu.json").read_text())  # shipped with sdlab
 print(f"torch {bench['torch']}, {bench['threads']} threads, native bf16: {bench['bf16']}")
 print(textwrap.fill(bench["note"], 100), "\n")
-print(f"{'component':30s} {'implementation':15s} {'seconds':>8s} {'ratio':>6s} {'max |diff|':>10s}")
-for row in bench["components"]:
-    print(f"{row['component']:30s} {row['impl']:15s} {row['seconds']:8.2f} {row['ratio']:6.2f} {row.get('max_diff', ''):>10}")
-print(f"\n{'whole 512x512 image':30s} {'seconds':>8s} {'ratio':>6s} {'load peak GB':>12s} {'peak GB':>8s}")
-for row in bench["image"]:
-    print(f"{row['impl']:30s} {row['seconds']:8.1f} {row['ratio']:6.2f} {row['load_peak_rss_gb']:12.2f} {row['peak_rss_gb']:8.2f}")
-step = {row["impl"]: row["seconds"] for row in bench["components"] if row["component"].startswith("U-Net step")}
+print(format_table(bench["components"], ["component", "impl", "seconds", "spread_pct", "ratio", "max_diff"]), "\n")
+print(format_table(bench["image"], ["impl", "seconds", "ratio", "images_per_min", "load_peak_rss_gb", "peak_rss_gb"]))
+
+
+def unet_row(impl):  # the first U-Net row of `impl` (every round times diffusers fp32 again)
+    return next(row for row in bench["components"] if row["component"].startswith("U-Net") and row["impl"] == impl)
+
+
+image = {row["impl"]: row for row in bench["image"]}
+step = {impl: unet_row(impl)["seconds"] for impl in ("sdlab", "diffusers", "sdlab unpacked", "sdlab bf16",
+                                                    "sdlab bf16 autocast", "openvino", "openvino bf16")}
 glue("bench_unet_fp32", step["sdlab"])
 glue("bench_unet_fp32_diffusers", step["diffusers"])
+glue("bench_unet_unpacked", step["sdlab unpacked"])
+glue("bench_unet_ov", step["openvino"])
+glue("bench_unet_bf16", step["sdlab bf16"])
+glue("bench_unet_autocast", step["sdlab bf16 autocast"])
+glue("bench_unet_ov_bf16", step["openvino bf16"])
+glue("bench_bf16_vs_ov", step["sdlab bf16"] / step["openvino bf16"])
 glue("bench_threads", bench["threads"])
-glue("bench_bf16_diff", next(float(row["max_diff"]) for row in bench["components"] if row["impl"] == "sdlab bf16"))
+glue("bench_bf16_diff", unet_row("sdlab bf16")["max_diff"])
+glue("bench_ov_bf16_diff", unet_row("openvino bf16")["max_diff"])
+glue("bench_max_spread", max(row["spread_pct"] for row in bench["components"] if row["component"].startswith("U-Net")))
 glue("bench_tflops", total / step["sdlab"] / 1e12)
+glue("bench_image_fp32", image["sdlab"]["seconds"])
+glue("bench_image_diffusers", image["diffusers"]["seconds"])
+glue("bench_image_bf16", image["sdlab bf16"]["seconds"])
+glue("bench_peak_fp32", image["sdlab"]["peak_rss_gb"])
+glue("bench_peak_lean", image["sdlab lean"]["peak_rss_gb"])
+glue("bench_image_lcm", image["sdlab lcm"]["seconds"])
+glue("bench_lcm_per_min", max(row["images_per_min"] for row in bench["image"] if row["impl"].startswith("sdlab lcm")))
 print(f"U-Net step: sdlab {step['sdlab']:.2f} s, diffusers {step['diffusers']:.2f} s: {total / step['sdlab'] / 1e12:.2f} TFLOP/s")
+
+# %% [markdown]
+# What makes the differences, in the run above:
+#
+# * **Weight reorders.** A packed float32 step took {glue:text}`bench_unet_fp32:.2f` s, the
+#   same model unpacked {glue:text}`bench_unet_unpacked:.2f` s: oneDNN's blocked weight layout
+#   made once, instead of reordering every weight at every call.
+# * **bf16 casts.** Autocast recasts every float32 weight to bf16 at every call
+#   ({glue:text}`bench_unet_autocast:.2f` s); cast once and packed in bf16, as
+#   `generate(..., dtype=torch.bfloat16)` runs, the step took {glue:text}`bench_unet_bf16:.2f` s,
+#   within {glue:text}`bench_bf16_diff:.3f` of float32.
+# * **Fusion.** OpenVINO compiles the whole graph (attention as one blocked kernel, normalisations
+#   fused with their neighbours): {glue:text}`bench_unet_ov:.2f` s in float32 and
+#   {glue:text}`bench_unet_ov_bf16:.2f` s in bf16, where sdlab's bf16 step is
+#   {glue:text}`bench_bf16_vs_ov:.2f`× OpenVINO's (its bf16 result differs more from float32:
+#   {glue:text}`bench_ov_bf16_diff:.3f`). PyTorch's eager kernels run one operation at a time.
+# * The repeats spread by up to {glue:text}`bench_max_spread:.0f`% on this shared machine: a ratio
+#   closer to one than that is a tie.
+#
+# A whole 512×512 image (DPM++ 2M with guidance, as `python -m sdlab bench` runs it) took {glue:text}`bench_image_fp32:.0f` s
+# in float32 ({glue:text}`bench_image_diffusers:.0f` s with diffusers) and
+# {glue:text}`bench_image_bf16:.0f` s in bf16. The lean mode (weights stored in bf16, one model
+# resident at a time) peaked at {glue:text}`bench_peak_lean:.2f` GB against
+# {glue:text}`bench_peak_fp32:.2f` GB. Four LCM steps without guidance (`sampler_name="lcm"`, for
+# an LCM model or an LCM-LoRA fused into SD1.5 by `sdlab.lora`: no extra time per step) took
+# {glue:text}`bench_image_lcm:.0f` s an image, {glue:text}`bench_lcm_per_min:.1f` images a minute
+# at best in batches.
 
 # %% [markdown]
 # ## Low memory
@@ -370,7 +419,8 @@ print("tiled VAE decode: mean pixel difference", round(float(np.abs(tiled.astype
 #   the benchmark; cast the weights once rather than autocasting at every call, keep the first and
 #   last convolutions in fp32, and use it only on CPUs with native bf16. Stored in bf16
 #   (`preload_models_from_standard_weights(..., dtype=torch.bfloat16)`), the weights take half the memory.
-# * `python -m sdlab bench` puts every number here next to `diffusers` on the same weights.
+# * `python -m sdlab bench --peers` puts every number here next to `diffusers` and OpenVINO on the
+#   same weights, each with its spread over the repeats.
 #
 # ## Exercises
 #
