@@ -451,7 +451,7 @@ def test_no_import_cycle_between_converter_and_loader():
 
 def test_the_tiny_model_carries_its_sampling_defaults():
     models = model_loader.preload_models_from_standard_weights()
-    assert models["diffusion"].sampling == SamplingDefaults(64, 64, "dpmpp_2m", 20, 5.0)
+    assert models["diffusion"].sampling == SamplingDefaults(64, 64, "dpmpp_2m", 20, 2.5)
     with safe_open(str(model_loader.DEFAULT_CHECKPOINT), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118 - not iterable
 
