@@ -101,11 +101,17 @@ class _ConvWeight:
         # plain (an alias of the weight's storage, or its bf16 copy) until the first call packs it
         self.conv, self.dtype, self.packed, self.shape = conv, weight.dtype, weight.detach(), None
 
+    packs = 0  # convolutions packed so far, in any model: freed memory is handed back every TRIM_EVERY
+
     def pack_for(self, shape: tuple[int, ...]) -> None:
         conv, dense = self.conv, self.to_dense()
         self.packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
             dense.to_mkldnn(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(shape))
         self.shape = tuple(shape)
+        del dense  # the plain (or previously packed) copy is freed here, during the model's first call
+        _ConvWeight.packs += 1
+        if _ConvWeight.packs % TRIM_EVERY == 0:
+            _release_free_memory()
 
     def to_dense(self) -> torch.Tensor:
         return self.packed.to_dense() if self.packed.is_mkldnn else self.packed

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from reference import read_manifest
-from sdlab import model_loader
 from sdlab.reference import SCHEDULER_CONFIG, reference_pipeline
 from sdlab.diffusion import get_time_embedding
 from sdlab.tokenizer import load_tokenizer
