@@ -65,14 +65,14 @@ def generate_batch(models: dict, prompts: list[str], seeds: list[int], sampler_n
                    n_inference_steps: int = 20, cfg_scale: float | None = None, tokenizer=None, size: int = IMAGE_SIZE,
                    sampler_seed: int = 0) -> np.ndarray:
     """Images (B, size, size, 3) uint8 for many prompts at once, through the stages of `pipeline.generate`
-    (`cfg_scale=None`: the model's own, `models["diffusion"].sampling.cfg_scale`).
+    (`cfg_scale=None`: the model's own, as `generate` picks it: `pipeline.sampling_settings`).
 
     As `generate`: initial noise `torch.randn` from a CPU generator seeded with each prompt's seed
     (so deterministic samplers give the same images as `generate`), CFG with the empty prompt, the
     same sampler classes and the same loop (`pipeline.denoise`). Stochastic samplers (ddpm, euler_a)
     draw their per-step noise from one generator for the whole batch instead.
     """
-    from ..pipeline import decode, denoise, encode_prompts, to_uint8
+    from ..pipeline import decode, denoise, encode_prompts, sampling_settings, to_uint8
     from ..tokenizer import load_tokenizer
 
     tokenizer = tokenizer or load_tokenizer()
@@ -85,7 +85,7 @@ def generate_batch(models: dict, prompts: list[str], seeds: list[int], sampler_n
     context = torch.cat([cond, uncond])  # (2B, 77, d): the prompts, then B copies of the empty prompt
     sampler = make_sampler(sampler_name, torch.Generator().manual_seed(sampler_seed))
     sampler.set_inference_timesteps(n_inference_steps)
-    cfg_scale = diffusion.sampling.cfg_scale if cfg_scale is None else cfg_scale
+    cfg_scale = sampling_settings(models, cfg_scale=cfg_scale)["cfg_scale"]
     latents = denoise(diffusion, sampler, noise * sampler.init_noise_sigma, context, cfg_scale)
     return to_uint8(decode(decoder, latents))
 
@@ -93,11 +93,12 @@ def generate_batch(models: dict, prompts: list[str], seeds: list[int], sampler_n
 def evaluate_models(models: dict, prompts: list[str], seeds: list[int], runs, cfg_scale: float | None = None,
                     batch: int = 100, log=print) -> list[dict]:
     """Analyzer accuracy per attribute for each (sampler, steps) in `runs` (`cfg_scale=None`: the model's)."""
+    from ..pipeline import sampling_settings
     from ..tokenizer import load_tokenizer
     from .analyzer import evaluate
 
     tokenizer = load_tokenizer()
-    cfg_scale = models["diffusion"].sampling.cfg_scale if cfg_scale is None else cfg_scale
+    cfg_scale = sampling_settings(models, cfg_scale=cfg_scale)["cfg_scale"]
     results = []
     for sampler_name, steps in runs:
         t = time.time()
@@ -159,8 +160,10 @@ def evaluate_checkpoint(ckpt=None, n_prompts: int = 200, seed: int = 0, cfg_scal
     """Load a checkpoint through the public loader and report prompt-following on held-out prompts,
     train-split prompts (dpmpp_2m, 20 steps), VAE PSNR and the time per 64x64 image, at guidance
     `cfg_scale` (None: the checkpoint's own)."""
+    from ..pipeline import sampling_settings
+
     models = preload_models_from_standard_weights(ckpt)
-    cfg_scale = models["diffusion"].sampling.cfg_scale if cfg_scale is None else cfg_scale
+    cfg_scale = sampling_settings(models, cfg_scale=cfg_scale)["cfg_scale"]
     prompts = heldout_prompts(n_prompts, seed=seed)
     seeds = list(range(1000 + seed, 1000 + seed + n_prompts))
     log(f"held-out prompts ({n_prompts}), CFG {cfg_scale}:")
