@@ -16,26 +16,34 @@ $L \times L$ matrix and is the default. `attention_backend("math")` switches eve
 explicit formula, which is also what `store_attention` needs to keep the attention maps.
 `attention_backend("sliced", slice_size=n)` is the explicit formula over `n` queries at a time: the
 scores never take more than $n \times L$ per head, for low-memory runs on devices without a fused
-kernel. All three compute the same thing (tests/test_speed.py checks them against each other).
+kernel. `attention_backend("blocked")` is the explicit formula one head and one cache-sized block of
+queries at a time: in bf16 on the CPU it is about twice as fast as the fused kernel, which computes
+in float32 there, so the default `"auto"` picks it for bf16 CPU attention over many keys and the
+fused kernel everywhere else. All of them compute the same thing (tests/test_speed.py checks them
+against each other).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import packing
 from .errors import ArgumentError
 
-BACKENDS = ("sdpa", "math", "sliced")
+BACKENDS = ("auto", "sdpa", "math", "sliced", "blocked")
 DEFAULT_SLICE_SIZE = 1024
+BLOCK_SCORES = 2**21  # scores per block of "blocked" (4 MB in bf16): they stay in cache between the two products
+BLOCKED_MIN_KEYS = 256  # "auto" runs bf16 CPU attention over at least this many keys "blocked" (fewer: fused)
 # (backend, slice size) of the current thread (a context variable: two threads generating at once
 # with different settings do not switch each other's attention)
-_setting = contextvars.ContextVar("sdlab_attention_backend", default=("sdpa", DEFAULT_SLICE_SIZE))
+_setting = contextvars.ContextVar("sdlab_attention_backend", default=("auto", DEFAULT_SLICE_SIZE))
 
 
 # what sees every attention call's queries and keys in this thread (sdlab.inspect's recorders); None: nothing
@@ -71,14 +79,16 @@ def edit_attention(editor):
 
 
 def current_backend() -> tuple[str, int]:
-    """The attention code path in force here: (`"sdpa"` | `"math"` | `"sliced"`, slice size)."""
+    """The attention code path in force here: (one of `BACKENDS`, slice size)."""
     return _setting.get()
 
 
 @contextlib.contextmanager
 def attention_backend(name: str, slice_size: int | None = None):
-    """Use `"sdpa"` (fused, the default), `"math"` (the explicit formula) or `"sliced"` (the explicit
-    formula over `slice_size` queries at a time, default 1024) inside a `with` block (this thread only)."""
+    """Use one of `BACKENDS` inside a `with` block (this thread only): `"sdpa"` (PyTorch's fused kernel),
+    `"math"` (the explicit formula), `"sliced"` (the explicit formula over `slice_size` queries at a
+    time, default 1024), `"blocked"` (`blocked_dot_product`) or `"auto"` (the default: `"blocked"`
+    where `blocked_is_faster`, else `"sdpa"`)."""
     if name not in BACKENDS:
         raise ArgumentError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
     if slice_size is not None and (isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1):
@@ -97,6 +107,10 @@ def scaled_dot_product(q, k, v, causal: bool = False, return_weights: bool = Fal
     Returns the output (B, H, Lq, d_k) and, with `return_weights`, the weights (B, H, Lq, Lk).
     """
     backend, slice_size = _setting.get()
+    if backend == "auto":
+        backend = "blocked" if blocked_is_faster(q, k) else "sdpa"
+    if backend == "blocked" and not return_weights:
+        return blocked_dot_product(q, k, v, causal), None
     if backend == "sdpa" and not return_weights:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal), None
     if backend == "sliced" and not return_weights and q.shape[-2] > slice_size:
@@ -106,12 +120,13 @@ def scaled_dot_product(q, k, v, causal: bool = False, return_weights: bool = Fal
 
 def attention_probabilities(q, k, causal: bool = False, first_query: int = 0) -> torch.Tensor:
     r"""$\operatorname{softmax}(QK^\top/\sqrt{d_k} + M)$ (B, H, Lq, Lk), for queries `first_query`,
-    `first_query + 1`, ... of the sequence; the softmax in float32, also under float16."""
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
+    `first_query + 1`, ... of the sequence. PyTorch's softmax of bf16 or float16 scores computes in
+    float32 inside (the same result, bit for bit, as `scores.float().softmax(-1).to(dtype)`)."""
+    scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-1, -2)  # (B, H, Lq, Lk); scaling q is Lk/d_k times cheaper
     if causal:  # query i (at position first_query + i) sees keys <= first_query + i
         mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(first_query + 1)
         scores = scores.masked_fill(mask, float("-inf"))
-    return scores.float().softmax(dim=-1).to(q.dtype)
+    return scores.softmax(dim=-1)
 
 
 def _explicit(q, k, v, causal: bool, first_query: int = 0):
@@ -126,6 +141,31 @@ def sliced_dot_product(q, k, v, causal: bool = False, slice_size: int = DEFAULT_
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
     for start in range(0, q.shape[-2], slice_size):
         out[..., start : start + slice_size, :] = _explicit(q[..., start : start + slice_size, :], k, v, causal, start)[0]
+    return out
+
+
+def blocked_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Where `"auto"` picks `blocked_dot_product`: bf16 on a CPU that multiplies bf16 matrices natively
+    (oneDNN: AVX512-BF16 or AMX), over at least `BLOCKED_MIN_KEYS` keys. There PyTorch's fused kernel
+    computes in float32 (without AMX); over fewer keys (the U-Net's 77 context tokens) the fused
+    kernel is as fast, and where bf16 products are emulated the blocked ones are slow."""
+    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and k.shape[-2] >= BLOCKED_MIN_KEYS
+            and packing.available(torch.bfloat16))
+
+
+def blocked_dot_product(q, k, v, causal: bool = False, block_scores: int = BLOCK_SCORES) -> torch.Tensor:
+    r"""The explicit formula one head and one block of $n$ queries at a time, $n$ = `block_scores` / $L_k$
+    (512 for 4096 keys): a block's scores stay in the core's cache between $QK^\top$ and the product
+    with $V$, and both products run on the dtype's own matrix kernels (bf16 on AVX512-BF16 and AMX).
+
+    The keys are centred first, $k_j - \bar k$: that shifts row $i$ of the scores by $q_i \cdot \bar k$,
+    which the softmax does not see, and smaller scores lose less when rounded to bf16."""
+    n = max(1, block_scores // k.shape[-2])
+    k = k - k.mean(dim=-2, keepdim=True)  # (B, H, Lk, d_k)
+    out = torch.empty_like(q)  # (B, H, Lq, d_k), q's strides
+    for b, h in itertools.product(range(q.shape[0]), range(q.shape[1])):
+        for start in range(0, q.shape[-2], n):  # queries start ... start + n - 1 of head h
+            out[b, h, start : start + n] = _explicit(q[b, h, start : start + n], k[b, h], v[b, h], causal, start)[0]
     return out
 
 

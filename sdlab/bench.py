@@ -16,12 +16,15 @@ runs (`--repeat` times each, best kept) so that a busy machine affects both alik
   *fp32* timed in the same round, `max_diff` against diffusers fp32, `spread_pct` how much slower
   the slowest repeat was than the best. Three rounds: packed fp32 ("sdlab", as `generate` runs on
   the CPU; "sdlab recording attention": the same step inside `sdlab.inspect.record_attention`),
-  packed bf16 ("sdlab bf16": as `generate(..., dtype=torch.bfloat16)` runs, weights cast once)
-  against diffusers under bf16 autocast, and the plain eager model ("sdlab unpacked", "sdlab bf16
-  autocast": every weight recast at every call). bf16 rows only where the CPU has bf16.
+  packed bf16 ("sdlab bf16": as `generate(..., dtype=torch.bfloat16)` runs, weights cast once;
+  "sdlab bf16 fused attention": the same on PyTorch's fused attention kernel instead of the blocked
+  one that `attention`'s "auto" picks in bf16) against diffusers under bf16 autocast, and the plain
+  eager model ("sdlab unpacked", "sdlab bf16 autocast": every weight recast at every call). bf16
+  rows only where the CPU has bf16.
   `--peers`: OpenVINO (optional: `pip install openvino`) runs diffusers' U-Net converted from
   PyTorch, in f32 and bf16, alternating with the others in the same rounds.
-* VAE decode: 1x4x64x64 -> 512x512 (packed, as in `generate`).
+* VAE decode: 1x4x64x64 -> 512x512 (packed, as in `generate`), and where the CPU has bf16 packed
+  in bf16 (as `generate(..., dtype=torch.bfloat16)` runs it) against diffusers under bf16 autocast.
 
 Whole images (DPM++ 2M, 20 steps, CFG 7.5, 512x512; `--quick`: 4 steps, 256x256) run in a fresh
 subprocess each, so that each peak RSS (loading, then generating) is its own: diffusers, sdlab
@@ -44,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .attention import attention_backend
 from .errors import CheckpointNotFoundError
 from .packing import packed_weights
 from .reference import diffusers_scheduler, reference_models, reference_pipeline
@@ -127,6 +131,15 @@ def timed_rows(name: str, fns: dict, repeat: int, check=None, packed=(), packed_
     return rows
 
 
+def autocast(fn):
+    """`fn` run under CPU bf16 autocast (every weight recast to bf16 at every call)."""
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn()
+
+    return run
+
+
 def unet_functions(ours: dict, theirs: dict, size: int) -> dict:
     """One U-Net step of each library on the same inputs (batch 2, 4 x size x size latents), in
     float32 and under bf16 autocast ("sdlab" runs bf16 packed: see `component_rows`)."""
@@ -134,13 +147,6 @@ def unet_functions(ours: dict, theirs: dict, size: int) -> dict:
 
     latents, context, t = unet_inputs(size=size)
     time_emb = get_time_embedding(t, 320)
-
-    def autocast(fn):
-        def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return fn()
-
-        return run
 
     def sdlab_unet():
         return ours["diffusion"](latents, context, time_emb).float()
@@ -210,9 +216,13 @@ def component_rows(ours: dict, theirs: dict, repeat: int, quick: bool, bf16: boo
         with record_attention(ours):
             return unet["sdlab"]()
 
+    def fused_attention_unet():  # the same step on PyTorch's fused attention kernel (what "auto" replaces in bf16)
+        with attention_backend("sdpa"):
+            return unet["sdlab"]()
+
     # "sdlab", "sdlab bf16" and "sdlab unpacked": the same call, inside each round's packing block
     calls = {**unet, **peer, "sdlab recording attention": recording_unet, "sdlab bf16": unet["sdlab"],
-             "sdlab unpacked": unet["sdlab"]}
+             "sdlab unpacked": unet["sdlab"], "sdlab bf16 fused attention": fused_attention_unet}
 
     def diffs(*names):  # max differences against diffusers fp32
         def check():
@@ -227,21 +237,32 @@ def component_rows(ours: dict, theirs: dict, repeat: int, quick: bool, bf16: boo
                        diffs("sdlab", "sdlab recording attention", *fp32_peer), packed=[ours["diffusion"]])
     if bf16:
         bf16_peer = {k: v for k, v in peer.items() if "bf16" in k}
-        rows += timed_rows(unet_row, {"sdlab bf16": unet["sdlab"], "diffusers": unet["diffusers"],
-                                      "diffusers bf16": unet["diffusers bf16"], **bf16_peer}, repeat,
-                           diffs("sdlab bf16", "diffusers bf16", *bf16_peer), packed=[ours["diffusion"]],
-                           packed_dtype=torch.bfloat16, only=["sdlab bf16", "diffusers bf16", *bf16_peer])
+        bf16_rows = ["sdlab bf16", "sdlab bf16 fused attention", "diffusers bf16", *bf16_peer]
+        rows += timed_rows(unet_row, {"diffusers": unet["diffusers"], **{name: calls[name] for name in bf16_rows}},
+                           repeat, diffs(*bf16_rows), packed=[ours["diffusion"]], packed_dtype=torch.bfloat16,
+                           only=bf16_rows)
     fns = {"sdlab unpacked": unet["sdlab"], "diffusers": unet["diffusers"]}
     if bf16:
         fns["sdlab bf16 autocast"] = unet["sdlab bf16 autocast"]
     rows += timed_rows(unet_row, fns, repeat, diffs(*(name for name in fns if name != "diffusers")),
                        only=[name for name in fns if name != "diffusers"])
 
-    rows += timed_rows(f"VAE decode ({8 * size}x{8 * size})", {
-        "sdlab": lambda: ours["decoder"](vae_latents),
-        "diffusers": lambda: theirs["vae"].decode(vae_latents / 0.18215).sample,
-    }, repeat, lambda: {"sdlab": max_diff(ours["decoder"](vae_latents), theirs["vae"].decode(vae_latents / 0.18215).sample)},
-        packed=[ours["decoder"]])
+    vae_row = f"VAE decode ({8 * size}x{8 * size})"
+
+    def sdlab_vae():
+        return ours["decoder"](vae_latents).float()
+
+    def diffusers_vae():
+        return theirs["vae"].decode(vae_latents / 0.18215).sample.float()
+
+    def vae_diffs(*names):
+        return lambda: {name: max_diff(vae[name](), diffusers_vae()) for name in names}
+
+    vae = {"sdlab": sdlab_vae, "diffusers": diffusers_vae, "sdlab bf16": sdlab_vae, "diffusers bf16": autocast(diffusers_vae)}
+    rows += timed_rows(vae_row, {k: vae[k] for k in ("sdlab", "diffusers")}, repeat, vae_diffs("sdlab"), packed=[ours["decoder"]])
+    if bf16:  # the decoder packed in bf16, as generate(..., dtype=torch.bfloat16) runs it
+        rows += timed_rows(vae_row, vae, repeat, vae_diffs("sdlab bf16", "diffusers bf16"), packed=[ours["decoder"]],
+                           packed_dtype=torch.bfloat16, only=["sdlab bf16", "diffusers bf16"])
     return rows
 
 
@@ -253,7 +274,7 @@ VARIANTS = {
     "fp32": "packed float32 (generate's default on the CPU)",
     "bf16": "generate(dtype=torch.bfloat16): weights cast to bf16 once and packed",
     "lean": "weights stored in bf16 (loaded with dtype=torch.bfloat16), low_memory=True",
-    "lcm": "sampler_name='lcm', 4 steps, cfg_scale=1, in bf16 (a fused LCM-LoRA adds no time)",
+    "lcm": "sampler_name='lcm', 4 steps, cfg_scale=1, weights stored in bf16 (a fused LCM-LoRA adds no time)",
 }
 
 
@@ -265,7 +286,7 @@ def image_child(impl: str, ckpt: str, steps: int, size: int, variant: str = "fp3
         from . import model_loader, pipeline
 
         models = model_loader.preload_models_from_standard_weights(
-            ckpt, "cpu", dtype=torch.bfloat16 if variant == "lean" else None)
+            ckpt, "cpu", dtype=torch.bfloat16 if variant in ("lean", "lcm") else None)
     else:
         models = reference_models(ckpt)
         pipe = reference_pipeline(models, diffusers_scheduler("dpmpp_2m"))
@@ -278,7 +299,7 @@ def image_child(impl: str, ckpt: str, steps: int, size: int, variant: str = "fp3
         images = pipeline.generate(PROMPT, sampler_name="lcm" if lcm else "dpmpp_2m", n_inference_steps=4 if lcm else steps,
                                    cfg_scale=1.0 if lcm else 7.5, models=models, seed=0, height=size, width=size,
                                    latents=latents, progress=False, num_images=n, low_memory=variant == "lean",
-                                   dtype=torch.bfloat16 if variant in ("bf16", "lcm") else None)
+                                   dtype=torch.bfloat16 if variant == "bf16" else None)
         image = np.stack(images) if n > 1 else images
     else:
         with torch.inference_mode():
@@ -310,6 +331,20 @@ def image_runs(bf16: bool, batches: list[int]) -> list[tuple[str, str, int]]:
 
 
 # --- the command ---------------------------------------------------------------------------------
+
+
+def stored_run() -> dict:
+    """The run shipped with sdlab, `sdlab/data/bench_sd15_cpu.json` (what chapter 8 and the README show)."""
+    from importlib import resources
+
+    return json.loads((resources.files("sdlab") / "data" / "bench_sd15_cpu.json").read_text())
+
+
+def find_row(run: dict, impl: str, component: str | None = None) -> dict:
+    """The first row of `impl` in `run`: among the components whose name starts with `component`, or
+    with None among the whole images (every round times diffusers fp32 again: the first is kept)."""
+    rows = run["image"] if component is None else [r for r in run["components"] if r["component"].startswith(component)]
+    return next(row for row in rows if row["impl"] == impl)
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

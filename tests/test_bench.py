@@ -18,8 +18,10 @@ def test_component_rows_compare_equal_outputs(sdlab_models, reference):
     rows = bench.component_rows(sdlab_models, theirs, repeat=1, quick=True, bf16=bf16, size=16)  # 16x16: CI time
     by_key = {(r["component"].split(" (")[0], r["impl"]): r for r in rows}
     impls = {"sdlab", "diffusers"} | ({"sdlab bf16", "diffusers bf16", "sdlab bf16 autocast"} if bf16 else set())
-    unet_impls = impls | {"sdlab unpacked", "sdlab recording attention"}
+    unet_impls = impls | {"sdlab unpacked", "sdlab recording attention"} | ({"sdlab bf16 fused attention"} if bf16 else set())
+    vae_impls = {"sdlab", "diffusers"} | ({"sdlab bf16", "diffusers bf16"} if bf16 else set())
     assert {k for k in by_key if k[0] == "U-Net step"} == {("U-Net step", i) for i in unet_impls}
+    assert {k for k in by_key if k[0] == "VAE decode"} == {("VAE decode", i) for i in vae_impls}
     assert all(r["spread_pct"] == 0.0 for r in rows)  # one repeat: no spread
     # recording changes nothing: the same output as without it (bit for bit: tests/test_inspect.py)
     assert by_key[("U-Net step", "sdlab recording attention")]["max_diff"] == by_key[("U-Net step", "sdlab")]["max_diff"]
@@ -31,6 +33,8 @@ def test_component_rows_compare_equal_outputs(sdlab_models, reference):
     if bf16:  # bf16 (packed once, and autocast) against fp32: the goal is within 2e-2 of the fp32 prediction
         assert by_key[("U-Net step", "sdlab bf16")]["max_diff"] <= 2e-2
         assert by_key[("U-Net step", "sdlab bf16 autocast")]["max_diff"] <= 2e-2
+        assert by_key[("U-Net step", "sdlab bf16 fused attention")]["max_diff"] <= 2e-2
+        assert by_key[("VAE decode", "sdlab bf16")]["max_diff"] <= 0.1  # pixels in [-1, 1]: bf16 rounding
 
 
 def test_spread_is_the_slowest_repeat_above_the_fastest():

@@ -117,9 +117,9 @@ def _kohya_scalar_key() -> str:
 
 
 def _bench(component: str, impl: str) -> float:
-    data = json.loads((ROOT / "sdlab" / "data" / "bench_sd15_cpu.json").read_text())
-    rows = data["components"] if component else data["image"]
-    return next(r["seconds"] for r in rows if r["impl"] == impl and (not component or r["component"].startswith(component)))
+    from sdlab import bench
+
+    return bench.find_row(bench.stored_run(), impl, component or None)["seconds"]
 
 
 def _ordinal(index: int) -> str:

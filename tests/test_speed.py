@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sdlab import pipeline
-from sdlab.attention import CrossAttention, SelfAttention, attention_backend, scaled_dot_product, sliced_dot_product
+from sdlab.attention import (CrossAttention, SelfAttention, attention_backend, blocked_dot_product, blocked_is_faster,
+                             scaled_dot_product, sliced_dot_product)
 from sdlab.diffusion import get_time_embedding
 from small import SMALL, small_models
 
@@ -31,9 +32,38 @@ def test_three_backends_agree(causal, slice_size):
         fused, _ = scaled_dot_product(q, k, v, causal)
     with attention_backend("sliced", slice_size):
         sliced, _ = scaled_dot_product(q, k, v, causal)
+    with attention_backend("blocked"):
+        blocked, _ = scaled_dot_product(q, k, v, causal)
     assert max_diff(fused, expected) <= 1e-6
     assert max_diff(sliced, expected) <= 1e-6
+    assert max_diff(blocked, expected) <= 1e-6
     assert max_diff(sliced_dot_product(q, k, v, causal, slice_size), expected) <= 1e-6
+    # blocks of slice_size queries (block_scores / Lk of them), the last one shorter
+    assert max_diff(blocked_dot_product(q, k, v, causal, block_scores=slice_size * k.shape[-2]), expected) <= 1e-6
+
+
+def test_auto_runs_blocked_attention_in_bf16_on_the_cpu_over_many_keys():
+    """"auto" (the default) is the fused kernel, except bf16 CPU attention over >= 256 keys where oneDNN
+    has native bf16: blocked there."""
+    from sdlab import attention
+    from sdlab.packing import available
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 300, 40) for _ in range(3))
+    assert attention.current_backend()[0] == "auto"
+    native = available(torch.bfloat16)  # AVX512-BF16 or AMX
+    assert blocked_is_faster(q.bfloat16(), k.bfloat16()) == native
+    assert not blocked_is_faster(q, k)  # float32: the fused kernel
+    assert not blocked_is_faster(q.bfloat16(), k[:, :, :77].bfloat16())  # 77 context tokens: the fused kernel
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    auto, _ = scaled_dot_product(qb, kb, vb)
+    with attention_backend("sdpa"):
+        fused, _ = scaled_dot_product(qb, kb, vb)
+    assert torch.equal(auto, blocked_dot_product(qb, kb, vb) if native else fused)
+    exact, _ = scaled_dot_product(q, k, v)
+    # bf16 rounding only: the scores are rounded to bf16 before the softmax (the fused kernel keeps them in float32)
+    assert max_diff(auto, exact) <= 1e-2 and max_diff(fused, exact) <= 1e-2
+    assert auto.dtype == torch.bfloat16 and auto.stride() == qb.stride()
 
 
 def test_modules_agree_on_every_backend():
@@ -41,10 +71,10 @@ def test_modules_agree_on_every_backend():
     self_attention, cross_attention = SelfAttention(4, 64).eval(), CrossAttention(4, 64, 24).eval()
     x, y = torch.randn(2, 50, 64), torch.randn(2, 9, 24)
     outputs = {}
-    for backend in ("math", "sdpa", "sliced"):
+    for backend in ("math", "sdpa", "sliced", "blocked", "auto"):
         with torch.no_grad(), attention_backend(backend, 8):
             outputs[backend] = (self_attention(x, causal_mask=True), self_attention(x), cross_attention(x, y))
-    for backend in ("sdpa", "sliced"):
+    for backend in ("sdpa", "sliced", "blocked", "auto"):
         for ours, expected in zip(outputs[backend], outputs["math"]):
             assert max_diff(ours, expected) <= 1e-6
 
@@ -60,7 +90,7 @@ def test_backend_arguments_are_checked_and_restored():
             pass
     with attention_backend("sliced", 3):
         assert attention.current_backend() == ("sliced", 3)
-    assert attention.current_backend() == ("sdpa", attention.DEFAULT_SLICE_SIZE)
+    assert attention.current_backend() == ("auto", attention.DEFAULT_SLICE_SIZE)
 
 
 def test_backend_is_per_thread():
@@ -82,7 +112,7 @@ def test_backend_is_per_thread():
     seen.append(attention.current_backend())
     release.set()
     worker.join()
-    assert seen == [("sdpa", attention.DEFAULT_SLICE_SIZE)]
+    assert seen == [("auto", attention.DEFAULT_SLICE_SIZE)]
 
 
 def test_store_attention_still_returns_the_weights_when_sliced():
@@ -305,16 +335,21 @@ def test_bf16_packing_casts_once_and_gives_the_weights_back(models, unet_inputs)
 def test_generate_in_bf16_on_the_cpu_packs_instead_of_autocasting(models, monkeypatch):
     from sdlab.packing import available
 
-    seen = []
+    seen, decoded = [], []
     hook = models["diffusion"].register_forward_pre_hook(lambda m, args: seen.append(torch.is_autocast_enabled("cpu")))
+    decoder_hook = models["decoder"].register_forward_hook(lambda m, args, out: decoded.append(out.dtype))
     try:
         bf16 = _generate(models, dtype=torch.bfloat16)
         unpacked = _generate(models, dtype=torch.bfloat16, packed=False)
     finally:
         hook.remove()
+        decoder_hook.remove()
     steps = len(seen) // 2
     assert seen[:steps] == [not available(torch.bfloat16)] * steps  # packed bf16: no autocast
     assert seen[steps:] == [True] * steps  # not packed: autocast
+    # the VAE decoder is packed in bf16 too (where oneDNN has bf16), and not cast when not packed
+    assert decoded == [torch.bfloat16 if available(torch.bfloat16) else torch.float32, torch.float32]
+    assert all(p.dtype == torch.float32 for p in models["decoder"].parameters())  # handed back in float32
     plain = _generate(models)
     for image in (bf16, unpacked):
         assert np.abs(image.astype(int) - plain.astype(int)).mean() < 8

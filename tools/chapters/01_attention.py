@@ -99,8 +99,9 @@ plt.show()
 # ## sdlab's version
 #
 # `sdlab.attention.scaled_dot_product` is the function above, with two additions: it uses
-# PyTorch's fused kernel unless the attention weights are wanted (for the pictures in this book),
-# and it computes the softmax in float32 even when the model runs in float16.
+# PyTorch's fused kernel unless the attention weights are wanted (for the pictures in this book;
+# in bf16 on the CPU it uses a blocked form of the formula instead, chapter 8), and its softmax
+# computes in float32 even when the model runs in float16 or bf16.
 #
 # ```{listing} sdlab.attention.scaled_dot_product
 # ```
@@ -255,8 +256,8 @@ plt.show()
 # * Multi-head attention splits the width into $h$ independent heads at no extra cost;
 #   `SelfAttention` matches `torch.nn.MultiheadAttention` weight for weight.
 # * Cross-attention takes queries from one sequence (pixels) and keys/values from another (text).
-# * `sdlab` uses PyTorch's fused kernel by default and the explicit formula when the weights are
-#   wanted (`store_attention`, `attention_backend("math")`).
+# * `sdlab` uses PyTorch's fused kernel by default (bf16 on the CPU: the blocked formula) and the
+#   explicit formula when the weights are wanted (`store_attention`, `attention_backend("math")`).
 #
 # ## Exercises
 #

@@ -125,8 +125,8 @@ for backend in seconds:
           f"max |diff| vs math: {max_diff(outputs[backend], outputs['math']):.1e}")
 
 # %% [markdown]
-# The fused kernel is the default (`attention_backend("sdpa")`); the explicit formula stays one
-# `with` away, and it is what `store_attention` uses to show the attention maps of chapter 1.
+# The fused kernel is what the default backend, `"auto"`, runs in float32 (`attention_backend("sdpa")`
+# forces it everywhere); the explicit formula stays one `with` away, and it is what `store_attention` uses to show the attention maps of chapter 1.
 #
 # ## bfloat16 autocast
 #
@@ -183,6 +183,52 @@ print(f"bf16 packed once {t_packed:.3f} s ({t_packed / t32:.2f}x fp32, {t_packed
 # changes the picture slightly, so sdlab never switches it on by itself: pass
 # `generate(..., dtype=torch.bfloat16)` (command line: `--dtype bfloat16`) where
 # `bf16_supported()` is true.
+#
+# ## Attention in bf16: the blocked formula
+#
+# PyTorch's fused attention kernel takes bf16 inputs, but on a CPU without AMX it computes in float32
+# inside: in bf16 it is no faster than in float32, and at the 64×64 level attention is then the
+# largest part of a bf16 step. `attention_backend("blocked")` is the explicit formula again, one head
+# and one block of $n$ = `BLOCK_SCORES` / $L_k$ queries at a time ({glue:text}`block_queries` for
+# $L_k = 4096$ keys): a block's scores, {glue:text}`block_mib:.0f` MiB in bf16, stay in the core's
+# cache between $QK^\top$ and the product with $V$, and both products run on oneDNN's bf16 matrix
+# kernels. Scaling $Q$ by $1/\sqrt{d_k}$ instead of the
+# scores is $L_k / d_k$ times less arithmetic.
+#
+# ```{listing} sdlab.attention.blocked_dot_product
+# ```
+#
+# The default backend, `"auto"`, runs it where `blocked_is_faster`: bf16 on a CPU with native bf16
+# products, over at least `BLOCKED_MIN_KEYS` keys (the U-Net's and the VAE's self-attention; the cross-attention over the
+# prompt's tokens stays on the fused kernel). The U-Net's 64×64 self-attention, both ways (a 32×32
+# one on a CPU without native bf16, where bf16 products are emulated):
+
+# %%
+from sdlab.attention import BLOCK_SCORES, BLOCKED_MIN_KEYS, blocked_is_faster, scaled_dot_product
+
+pixels = 4096 if bf16_supported() else 1024
+q, k, v = (torch.randn(2, 8, pixels, 40) for _ in range(3))  # (B, H, L, d_k): 8 heads of 40 channels
+exact = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # float32
+q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+attention_seconds, attention_diffs = {}, {}
+for backend in ("sdpa", "blocked"):
+    with attention_backend(backend):
+        out, _ = scaled_dot_product(q, k, v)
+        attention_seconds[backend] = best_time(lambda: scaled_dot_product(q, k, v))
+    attention_diffs[backend] = max_diff(out.float(), exact)
+    print(f"bf16 {backend:8s} {attention_seconds[backend]:.3f} s   max |diff| vs float32 {attention_diffs[backend]:.4f}")
+print(f"blocked is {attention_seconds['sdpa'] / attention_seconds['blocked']:.2f}x faster; "
+      f"'auto' picks it here: {blocked_is_faster(q, k)} (bf16, CPU, {pixels} >= {BLOCKED_MIN_KEYS} keys)")
+glue("blocked_speedup", attention_seconds["sdpa"] / attention_seconds["blocked"])
+glue("block_queries", BLOCK_SCORES // 4096)
+glue("block_mib", BLOCK_SCORES * 2 / 2**20)  # bf16: 2 bytes a score
+glue("blocked_diff", attention_diffs["blocked"])
+glue("fused_bf16_diff", attention_diffs["sdpa"])
+
+# %% [markdown]
+# Here the blocked formula was {glue:text}`blocked_speedup:.1f`× faster. Its result is a little further from
+# float32 ({glue:text}`blocked_diff:.4f` against {glue:text}`fused_bf16_diff:.4f`): the scores are
+# rounded to bf16 before the softmax, where the fused kernel keeps them in float32.
 #
 # ## Memory layout: channels_last
 #
@@ -302,42 +348,42 @@ glue("sweep_prompts", len(prompts))
 # file's layout (the speed does not depend on the weights):
 
 # %%
-import json
 import textwrap
-from importlib import resources
 
-from sdlab.bench import format_table
+from sdlab.bench import find_row, format_table, stored_run
 
-bench = json.loads((resources.files("sdlab") / "data" / "bench_sd15_cpu.json").read_text())  # shipped with sdlab
+bench = stored_run()  # sdlab/data/bench_sd15_cpu.json, shipped with sdlab
 print(f"torch {bench['torch']}, {bench['threads']} threads, native bf16: {bench['bf16']}")
 print(textwrap.fill(bench["note"], 100), "\n")
 print(format_table(bench["components"], ["component", "impl", "seconds", "spread_pct", "ratio", "max_diff"]), "\n")
 print(format_table(bench["image"], ["impl", "seconds", "ratio", "images_per_min", "load_peak_rss_gb", "peak_rss_gb"]))
 
-
-def unet_row(impl):  # the first U-Net row of `impl` (every round times diffusers fp32 again)
-    return next(row for row in bench["components"] if row["component"].startswith("U-Net") and row["impl"] == impl)
-
-
 image = {row["impl"]: row for row in bench["image"]}
-step = {impl: unet_row(impl)["seconds"] for impl in ("sdlab", "diffusers", "sdlab unpacked", "sdlab bf16",
-                                                    "sdlab bf16 autocast", "openvino", "openvino bf16")}
+step = {impl: find_row(bench, impl, "U-Net")["seconds"] for impl in (
+    "sdlab", "diffusers", "sdlab unpacked", "sdlab bf16", "sdlab bf16 fused attention", "sdlab bf16 autocast",
+    "openvino", "openvino bf16")}
+vae = {impl: find_row(bench, impl, "VAE")["seconds"] for impl in ("sdlab", "sdlab bf16")}
 glue("bench_unet_fp32", step["sdlab"])
 glue("bench_unet_fp32_diffusers", step["diffusers"])
 glue("bench_unet_unpacked", step["sdlab unpacked"])
 glue("bench_unet_ov", step["openvino"])
 glue("bench_unet_bf16", step["sdlab bf16"])
+glue("bench_unet_bf16_fused", step["sdlab bf16 fused attention"])
 glue("bench_unet_autocast", step["sdlab bf16 autocast"])
 glue("bench_unet_ov_bf16", step["openvino bf16"])
 glue("bench_bf16_vs_ov", step["sdlab bf16"] / step["openvino bf16"])
 glue("bench_threads", bench["threads"])
-glue("bench_bf16_diff", unet_row("sdlab bf16")["max_diff"])
-glue("bench_ov_bf16_diff", unet_row("openvino bf16")["max_diff"])
+glue("bench_bf16_diff", find_row(bench, "sdlab bf16", "U-Net")["max_diff"])
+glue("bench_bf16_fused_diff", find_row(bench, "sdlab bf16 fused attention", "U-Net")["max_diff"])
+glue("bench_ov_bf16_diff", find_row(bench, "openvino bf16", "U-Net")["max_diff"])
+glue("bench_vae_fp32", vae["sdlab"])
+glue("bench_vae_bf16", vae["sdlab bf16"])
 glue("bench_max_spread", max(row["spread_pct"] for row in bench["components"] if row["component"].startswith("U-Net")))
 glue("bench_tflops", total / step["sdlab"] / 1e12)
 glue("bench_image_fp32", image["sdlab"]["seconds"])
 glue("bench_image_diffusers", image["diffusers"]["seconds"])
 glue("bench_image_bf16", image["sdlab bf16"]["seconds"])
+glue("bench_image_lean", image["sdlab lean"]["seconds"])
 glue("bench_peak_fp32", image["sdlab"]["peak_rss_gb"])
 glue("bench_peak_lean", image["sdlab lean"]["peak_rss_gb"])
 glue("bench_image_lcm", image["sdlab lcm"]["seconds"])
@@ -353,7 +399,12 @@ print(f"U-Net step: sdlab {step['sdlab']:.2f} s, diffusers {step['diffusers']:.2
 # * **bf16 casts.** Autocast recasts every float32 weight to bf16 at every call
 #   ({glue:text}`bench_unet_autocast:.2f` s); cast once and packed in bf16, as
 #   `generate(..., dtype=torch.bfloat16)` runs, the step took {glue:text}`bench_unet_bf16:.2f` s,
-#   within {glue:text}`bench_bf16_diff:.3f` of float32.
+#   within {glue:text}`bench_bf16_diff:.3f` of float32. The VAE decoder packed in bf16 took
+#   {glue:text}`bench_vae_bf16:.2f` s against {glue:text}`bench_vae_fp32:.2f` s in float32.
+# * **Attention in bf16.** The same packed bf16 step on PyTorch's fused attention kernel took
+#   {glue:text}`bench_unet_bf16_fused:.2f` s (within {glue:text}`bench_bf16_fused_diff:.3f` of
+#   float32): the blocked formula of the bf16 section above is what brings it to
+#   {glue:text}`bench_unet_bf16:.2f` s.
 # * **Fusion.** OpenVINO compiles the whole graph (attention as one blocked kernel, normalisations
 #   fused with their neighbours): {glue:text}`bench_unet_ov:.2f` s in float32 and
 #   {glue:text}`bench_unet_ov_bf16:.2f` s in bf16, where sdlab's bf16 step is
@@ -365,11 +416,12 @@ print(f"U-Net step: sdlab {step['sdlab']:.2f} s, diffusers {step['diffusers']:.2
 # A whole 512×512 image (DPM++ 2M with guidance, as `python -m sdlab bench` runs it) took {glue:text}`bench_image_fp32:.0f` s
 # in float32 ({glue:text}`bench_image_diffusers:.0f` s with diffusers) and
 # {glue:text}`bench_image_bf16:.0f` s in bf16. The lean mode (weights stored in bf16, one model
-# resident at a time) peaked at {glue:text}`bench_peak_lean:.2f` GB against
-# {glue:text}`bench_peak_fp32:.2f` GB. Four LCM steps without guidance (`sampler_name="lcm"`, for
-# an LCM model or an LCM-LoRA fused into SD1.5 by `sdlab.lora`: no extra time per step) took
-# {glue:text}`bench_image_lcm:.0f` s an image, {glue:text}`bench_lcm_per_min:.1f` images a minute
-# at best in batches.
+# resident at a time) took {glue:text}`bench_image_lean:.0f` s and peaked at
+# {glue:text}`bench_peak_lean:.2f` GB against {glue:text}`bench_peak_fp32:.2f` GB. Four LCM steps
+# without guidance (`sampler_name="lcm"`, for an LCM model or an LCM-LoRA fused into SD1.5 by
+# `sdlab.lora`: no extra time per step), with the weights stored in bf16 (`--dtype bfloat16` on the
+# command line), took {glue:text}`bench_image_lcm:.1f` s an image, {glue:text}`bench_lcm_per_min:.1f`
+# images a minute at best in batches.
 
 # %% [markdown]
 # ## Low memory
