@@ -12,13 +12,13 @@ $$\operatorname{MultiHead}(X) = \operatorname{Concat}(\text{head}_1, \dots, \tex
 
 The explicit formula is what the book teaches; PyTorch's fused
 `scaled_dot_product_attention` computes the same thing without materialising the
-$L \times L$ matrix and is the default. `attention_backend("math")` switches every module to the
+$L \times L$ matrix (`attention_backend("sdpa")`). `attention_backend("math")` switches every module to the
 explicit formula, which is also what `store_attention` needs to keep the attention maps.
 `attention_backend("sliced", slice_size=n)` is the explicit formula over `n` queries at a time: the
 scores never take more than $n \times L$ per head, for low-memory runs on devices without a fused
 kernel. `attention_backend("blocked")` is the explicit formula one head and one cache-sized block of
 queries at a time: in bf16 on the CPU it is about twice as fast as the fused kernel, which computes
-in float32 there, so the default `"auto"` picks it for bf16 CPU attention over many keys and the
+in float32 there, so the default, `"auto"`, picks it for bf16 CPU attention over many keys and the
 fused kernel everywhere else. All of them compute the same thing (tests/test_speed.py checks them
 against each other).
 """
