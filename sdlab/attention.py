@@ -163,9 +163,8 @@ def blocked_dot_product(q, k, v, causal: bool = False, block_scores: int = BLOCK
     n = max(1, block_scores // k.shape[-2])
     k = k - k.mean(dim=-2, keepdim=True)  # (B, H, Lk, d_k)
     out = torch.empty_like(q)  # (B, H, Lq, d_k), q's strides
-    for b, h in itertools.product(range(q.shape[0]), range(q.shape[1])):
-        for start in range(0, q.shape[-2], n):  # queries start ... start + n - 1 of head h
-            out[b, h, start : start + n] = _explicit(q[b, h, start : start + n], k[b, h], v[b, h], causal, start)[0]
+    for b, h in itertools.product(range(q.shape[0]), range(q.shape[1])):  # head h: (Lq, d_k), n queries at a time
+        out[b, h] = sliced_dot_product(q[b, h], k[b, h], v[b, h], causal, n)
     return out
 
 

@@ -376,8 +376,8 @@ def generate(
       autocast. On the CPU (packed) the VAE decoder is packed in bf16 too (on random SD1.5 weights
       its pixels are 0.6 uint8 levels from float32's on average); elsewhere it runs in float32.
       Weights loaded in bf16 (`preload_models_from_standard_weights(..., dtype=torch.bfloat16)`) run
-      in bf16 with no `dtype` and half the memory. A float16 VAE decoder is always run in float32, where float16 overflows
-      into black images.
+      in bf16 with no `dtype` and half the memory. A float16 VAE decoder is always run in float32,
+      where float16 overflows into black images.
     - `low_memory`: tiled VAE decode (`vae_tile_size` latent pixels, default 32), `idle_device`
       defaulting to `"cpu"` on an accelerator, and sliced attention where no fused kernel exists.
     - `attention_slice_size`: explicit attention over this many queries at a time (any device).

@@ -125,8 +125,9 @@ for backend in seconds:
           f"max |diff| vs math: {max_diff(outputs[backend], outputs['math']):.1e}")
 
 # %% [markdown]
-# The fused kernel is what the default backend, `"auto"`, runs in float32 (`attention_backend("sdpa")`
-# forces it everywhere); the explicit formula stays one `with` away, and it is what `store_attention` uses to show the attention maps of chapter 1.
+# The fused kernel is what the default backend, `"auto"`, runs in float32
+# (`attention_backend("sdpa")` forces it everywhere); the explicit formula stays one `with` away,
+# and it is what `store_attention` uses to show the attention maps of chapter 1.
 #
 # ## bfloat16 autocast
 #
@@ -186,22 +187,23 @@ print(f"bf16 packed once {t_packed:.3f} s ({t_packed / t32:.2f}x fp32, {t_packed
 #
 # ## Attention in bf16: the blocked formula
 #
-# PyTorch's fused attention kernel takes bf16 inputs, but on a CPU without AMX it computes in float32
-# inside: in bf16 it is no faster than in float32, and at the 64×64 level attention is then the
-# largest part of a bf16 step. `attention_backend("blocked")` is the explicit formula again, one head
-# and one block of $n$ = `BLOCK_SCORES` / $L_k$ queries at a time ({glue:text}`block_queries` for
-# $L_k = 4096$ keys): a block's scores, {glue:text}`block_mib:.0f` MiB in bf16, stay in the core's
-# cache between $QK^\top$ and the product with $V$, and both products run on oneDNN's bf16 matrix
-# kernels. Scaling $Q$ by $1/\sqrt{d_k}$ instead of the
-# scores is $L_k / d_k$ times less arithmetic.
+# PyTorch's fused attention kernel takes bf16 inputs, but on a CPU without AMX it computes in
+# float32 inside: in bf16 it is no faster than in float32, and at the 64×64 level attention is then
+# the largest part of a bf16 step. `attention_backend("blocked")` is the explicit formula again, one
+# head and one block of $n$ = `BLOCK_SCORES` / $L_k$ queries at a time ({glue:text}`block_queries`
+# for $L_k = 4096$ keys): a block's scores, {glue:text}`block_mib:.0f` MiB in bf16, stay in the
+# core's cache between $QK^\top$ and the product with $V$, and both products run on oneDNN's bf16
+# matrix kernels. Scaling $Q$ by $1/\sqrt{d_k}$ instead of the scores is $L_k / d_k$ times less
+# arithmetic.
 #
 # ```{listing} sdlab.attention.blocked_dot_product
 # ```
 #
 # The default backend, `"auto"`, runs it where `blocked_is_faster`: bf16 on a CPU with native bf16
-# products, over at least `BLOCKED_MIN_KEYS` keys (the U-Net's and the VAE's self-attention; the cross-attention over the
-# prompt's tokens stays on the fused kernel). The U-Net's 64×64 self-attention, both ways (a 32×32
-# one on a CPU without native bf16, where bf16 products are emulated):
+# products, over at least `BLOCKED_MIN_KEYS` keys (the U-Net's and the VAE's self-attention; the
+# cross-attention over the prompt's tokens stays on the fused kernel). The U-Net's 64×64
+# self-attention, both ways (a 32×32 one on a CPU without native bf16, where bf16 products are
+# emulated):
 
 # %%
 from sdlab.attention import BLOCK_SCORES, BLOCKED_MIN_KEYS, blocked_is_faster, scaled_dot_product
@@ -226,9 +228,9 @@ glue("blocked_diff", attention_diffs["blocked"])
 glue("fused_bf16_diff", attention_diffs["sdpa"])
 
 # %% [markdown]
-# Here the blocked formula was {glue:text}`blocked_speedup:.1f`× faster. Its result is a little further from
-# float32 ({glue:text}`blocked_diff:.4f` against {glue:text}`fused_bf16_diff:.4f`): the scores are
-# rounded to bf16 before the softmax, where the fused kernel keeps them in float32.
+# Here the blocked formula was {glue:text}`blocked_speedup:.1f`× faster. Its result is a little
+# further from float32 ({glue:text}`blocked_diff:.4f` against {glue:text}`fused_bf16_diff:.4f`): the
+# scores are rounded to bf16 before the softmax, where the fused kernel keeps them in float32.
 #
 # ## Memory layout: channels_last
 #
