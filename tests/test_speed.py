@@ -42,6 +42,31 @@ def test_three_backends_agree(causal, slice_size):
     assert max_diff(blocked_dot_product(q, k, v, causal, block_scores=slice_size * k.shape[-2]), expected) <= 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_blocked_attention_subtracts_the_row_maximum_where_exp_could_overflow(dtype, causal):
+    """Scales 1 and 2: every score is bounded below EXP_BOUND, so float32 skips the maximum's pass
+    (float16 never does: its exp overflows above 11, and scale 2 reaches 17.5); scale 12: scores up to
+    630, whose exp overflows float32 too. Blocked is as close to the float64 formula as the explicit
+    formula in the same dtype."""
+    from sdlab.attention import EXP_BOUND
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    mask = torch.ones(40, 40, dtype=torch.bool).triu(1) if causal else torch.zeros(40, 40, dtype=torch.bool)
+    for scale in (1.0, 2.0, 12.0):
+        qs, ks = q * scale, k * scale
+        bound = float(qs.norm(dim=-1).amax() * (ks - ks.mean(dim=-2, keepdim=True)).norm(dim=-1).amax()) / 4
+        assert (bound < EXP_BOUND) == (scale < 12)
+        scores = (qs.double() @ ks.double().transpose(-1, -2) / 4).masked_fill(mask, float("-inf"))
+        exact = torch.softmax(scores, dim=-1) @ v.double()
+        ours = blocked_dot_product(qs.to(dtype), ks.to(dtype), v.to(dtype), causal, block_scores=16 * 40)
+        with attention_backend("math"):
+            formula, _ = scaled_dot_product(qs.to(dtype), ks.to(dtype), v.to(dtype), causal)
+        assert torch.isfinite(ours).all()
+        assert max_diff(ours, exact) <= 1.5 * max_diff(formula, exact) + (1e-6 if dtype == torch.float32 else 2e-3)
+
+
 def test_auto_runs_blocked_attention_in_bf16_on_the_cpu_over_many_keys():
     """"auto" (the default) is the fused kernel, except bf16 CPU attention over >= 256 keys where oneDNN
     has native bf16: blocked there."""

@@ -194,7 +194,17 @@ print(f"bf16 packed once {t_packed:.3f} s ({t_packed / t32:.2f}x fp32, {t_packed
 # for $L_k = 4096$ keys): a block's scores, {glue:text}`block_mib:.0f` MiB in bf16, stay in the
 # core's cache between $QK^\top$ and the product with $V$, and both products run on oneDNN's bf16
 # matrix kernels. Scaling $Q$ by $1/\sqrt{d_k}$ instead of the scores is $L_k / d_k$ times less
-# arithmetic.
+# arithmetic. Two more steps leave the result as it was and save passes over the scores:
+#
+# * The softmax's division waits until after the product with $V$, and that product also gives the
+#   denominators: with a column of ones beside $V$, $\exp(S)\,[V\;\mathbf 1]$ holds the numerators
+#   and the row sums, and each query divides $d_k$ numbers instead of $L_k$. Zeros pad $[V\;\mathbf 1]$
+#   to a multiple of $16$ columns ($48$ for $d_k = 40$), a width oneDNN's bf16 kernels handle better
+#   (measured below).
+# * A softmax subtracts each row's maximum so that $\exp$ cannot overflow. By Cauchy-Schwarz no
+#   score $q_i \cdot k_j / \sqrt{d_k}$ exceeds $\max_i |q_i| \max_j |k_j| / \sqrt{d_k}$ in size
+#   (with the keys centred); where that bound is below `EXP_BOUND`, the maximum's pass over the
+#   scores is skipped.
 #
 # ```{listing} sdlab.attention.blocked_dot_product
 # ```
@@ -227,10 +237,19 @@ glue("block_mib", BLOCK_SCORES * 2 / 2**20)  # bf16: 2 bytes a score
 glue("blocked_diff", attention_diffs["blocked"])
 glue("fused_bf16_diff", attention_diffs["sdpa"])
 
+# the product with V on one block of scores: d_k = 40 columns, or padded to 48 (V, ones, zeros)
+scores = torch.randn(BLOCK_SCORES // pixels, pixels).bfloat16()  # (n, L_k)
+values = {width: torch.randn(pixels, width).bfloat16() for width in (40, 48)}  # (L_k, width)
+product_seconds = {width: best_time(lambda w=width: scores @ values[w]) for width in values}
+print(f"exp(S) V on one block: 40 columns {1e3 * product_seconds[40]:.2f} ms, 48 columns "
+      f"{1e3 * product_seconds[48]:.2f} ms")
+glue("pad_speedup", product_seconds[40] / product_seconds[48])
+
 # %% [markdown]
 # Here the blocked formula was {glue:text}`blocked_speedup:.1f`× faster. Its result is a little
 # further from float32 ({glue:text}`blocked_diff:.4f` against {glue:text}`fused_bf16_diff:.4f`): the
-# scores are rounded to bf16 before the softmax, where the fused kernel keeps them in float32.
+# scores are rounded to bf16 before the softmax, where the fused kernel keeps them in float32. On
+# one block, the product with $48$ columns was {glue:text}`pad_speedup:.2f`× as fast as with $40$.
 #
 # ## Memory layout: channels_last
 #
