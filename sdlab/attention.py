@@ -124,10 +124,16 @@ def attention_probabilities(q, k, causal: bool = False, first_query: int = 0) ->
     `first_query + 1`, ... of the sequence. PyTorch's softmax of bf16 or float16 scores computes in
     float32 inside (the same result, bit for bit, as `scores.float().softmax(-1).to(dtype)`)."""
     scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-1, -2)  # (B, H, Lq, Lk); scaling q is Lk/d_k times cheaper
-    if causal:  # query i (at position first_query + i) sees keys <= first_query + i
-        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(first_query + 1)
-        scores = scores.masked_fill(mask, float("-inf"))
+    if causal:
+        scores = hide_later_keys(scores, first_query)
     return scores.softmax(dim=-1)
+
+
+def hide_later_keys(scores: torch.Tensor, first_query: int = 0) -> torch.Tensor:
+    """The causal mask, in place: query i (at position `first_query` + i) sees keys <= `first_query` + i,
+    the later ones' scores (..., Lq, Lk) become -inf."""
+    mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(first_query + 1)
+    return scores.masked_fill_(mask, float("-inf"))
 
 
 def _explicit(q, k, v, causal: bool, first_query: int = 0):
@@ -183,8 +189,8 @@ def blocked_dot_product(q, k, v, causal: bool = False, block_scores: int = BLOCK
         k_t = k[b, h].transpose(0, 1)  # (d_k, Lk)
         for start in range(0, q.shape[-2], n):
             scores = q[b, h, start : start + n] @ k_t  # (n, Lk)
-            if causal:  # query start + i sees keys <= start + i
-                scores.masked_fill_(torch.ones_like(scores, dtype=torch.bool).triu(start + 1), float("-inf"))
+            if causal:
+                hide_later_keys(scores, start)
             if not bounded:
                 scores -= scores.amax(dim=-1, keepdim=True)
             sums = scores.exp_() @ v1[b, h]  # (n, width): exp(S) V, then the row sums exp(S) 1
