@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                      help="a LoRA file (kohya or diffusers format) merged in with SCALE (default 1); repeatable")
+    gen.add_argument("--taesd", default=None, metavar="FILE",
+                     help="decode with TAESD (taesd_decoder.safetensors/.pth or diffusers' AutoencoderTiny file): "
+                          "1/17 of the VAE's work, a little softer; needs --ckpt")
     gen.add_argument("--n", type=int, default=1, metavar="N",
                      help="generate N images in one batch (seeds SEED, SEED+1, ...): OUTPUT-1.png ... OUTPUT-N.png "
                           "and OUTPUT-grid.png instead of OUTPUT")
@@ -79,6 +82,9 @@ def check_command_line(args) -> dict:
         if getattr(args, name) is not None:
             arguments.check_size(getattr(args, name), f"--{name}", 8)
     arguments.check_real(args.strength, "--strength", 0, 1, open_low=True, fix="1 ignores the input image entirely")
+    if args.taesd is not None and args.ckpt is None:
+        raise ArgumentError("--taesd decodes SD1.x latents; the bundled tiny model has its own small VAE: "
+                            "pass --ckpt with an SD1.x checkpoint, or leave --taesd out")
     if args.mask is not None and args.init_image is None:
         raise ArgumentError("--mask needs --init-image (the picture to repaint)")
     image = read_picture(args.init_image, "--init-image") if args.init_image is not None else None
@@ -135,7 +141,20 @@ def generate_command(args) -> Path:
 
     checked = check_command_line(args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    taesd = None
+    if args.taesd is not None:  # small: read (and checked) before the checkpoint
+        from .taesd import load_taesd
+
+        taesd = load_taesd(args.taesd, checked["device"], dtype=dtype)
     models = model_loader.preload_models_from_standard_weights(args.ckpt, checked["device"], dtype=dtype)
+    if taesd is not None:
+        from .config import SD15
+        from .errors import ArgumentError
+
+        if models["decoder"].config != SD15.vae:  # TAESD learned the SD1.x VAE's latent space, no other
+            raise ArgumentError(f"--taesd decodes SD1.x latents, but --ckpt {args.ckpt!r} has another VAE "
+                                f"({models['decoder'].config.base_channels} base channels); leave --taesd out")
+        models["decoder"] = taesd
     if checked["loras"]:
         from .lora import load_lora
 
@@ -149,6 +168,7 @@ def generate_command(args) -> Path:
         "checkpoint": Path(args.ckpt).name if args.ckpt else "sdlab tiny (bundled)",
         "init_image": args.init_image, "mask": args.mask, "strength": args.strength if args.init_image else None,
         "loras": [{"file": Path(path).name, "scale": scale} for path, scale in checked["loras"]],
+        "taesd": Path(args.taesd).name if args.taesd else None,
     }
     start = time.perf_counter()
     images = pipeline.generate(

@@ -49,6 +49,25 @@ class VAEConfig:
 
 
 @dataclass(frozen=True)
+class TAESDConfig:
+    """The tiny autoencoder's decoder (TAESD, `sdlab.taesd`): the VAE's latent space, 1/17 of its work.
+
+    `blocks[i]` residual blocks of `width` channels at each resolution, deepest first, with a 2x
+    nearest-neighbour up-sampling between two resolutions: 8x in all for four of them.
+    """
+
+    latent_channels: int = 4
+    in_channels: int = 3  # the image's channels, named as in VAEConfig
+    width: int = 64
+    blocks: tuple[int, ...] = (3, 3, 3, 1)
+    latent_magnitude: float = 3.0  # the soft clamp: z -> 3 tanh(z / 3)
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.blocks) - 1)
+
+
+@dataclass(frozen=True)
 class UNetConfig:
     """The noise-prediction U-Net with cross-attention to the text encoder's output."""
 

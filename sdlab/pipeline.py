@@ -243,7 +243,8 @@ def likely_cause(model, dtype, output: torch.Tensor | None = None) -> str:
 def decode(decoder, latents: torch.Tensor, tile_size: int | None = None) -> torch.Tensor:
     """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in about [-1, 1], finite or `NumericalError`.
 
-    `tile_size`: decode in overlapping tiles of this many latent pixels (overlap 1/4). A float16
+    `tile_size`: decode in overlapping tiles of this many latent pixels (overlap 1/4); a decoder
+    without `tiled_forward` (TAESD, `sdlab.taesd`, small at any size) decodes whole. A float16
     decoder runs in float32 (float16 overflows there into black images) and is handed back as it was.
     """
     upcast = next(decoder.parameters()).dtype == torch.float16
@@ -251,7 +252,10 @@ def decode(decoder, latents: torch.Tensor, tile_size: int | None = None) -> torc
         decoder.float()
     try:
         latents = latents.to(next(decoder.parameters()).dtype)
-        images = decoder(latents) if tile_size is None else decoder.tiled_forward(latents, tile_size, tile_size // 4)
+        if tile_size is None or not hasattr(decoder, "tiled_forward"):
+            images = decoder(latents)
+        else:
+            images = decoder.tiled_forward(latents, tile_size, tile_size // 4)
         if not torch.isfinite(images).all():
             raise NumericalError(f"the VAE decoder's output is NaN or infinite: {likely_cause(decoder, None)}")
     finally:
@@ -358,7 +362,8 @@ def generate(
       image k exactly the one `seed + k` gives alone; N > 1 returns a list.
     - `cfg_scale=1` (or `do_cfg=False`) skips the unconditional pass: one U-Net batch of N, not 2N
       (the guidance formula at $s = 1$ is the conditional prediction). LCM: `sampler_name="lcm"`,
-      4 steps, `cfg_scale=1`, with an LCM-LoRA loaded (`sdlab.lora.load_lora`).
+      4 steps, `cfg_scale=1`, with an LCM-LoRA loaded (`sdlab.lora.load_lora`); with TAESD
+      (`models={**models, "decoder": sdlab.taesd.load_taesd(path)}`) its decode is 17x less work.
     - `callback(step, timestep, latents, noise_pred)`: called after every step.
     - `mask_image` (white = repaint) with `input_image`: inpainting. An inpainting checkpoint's
       9-channel U-Net sees the mask and the masked image; with any other the kept region is put

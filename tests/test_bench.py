@@ -49,10 +49,10 @@ def test_peers_without_openvino_give_a_message_and_no_rows(monkeypatch, capsys):
     assert "OpenVINO is not installed (pip install openvino)" in capsys.readouterr().out
 
 
-def test_image_runs_add_bf16_lean_and_lcm_batches_only_with_bf16():
+def test_image_runs_add_bf16_lean_lcm_batches_and_taesd_only_with_bf16():
     assert bench.image_runs(False, [1, 2]) == [("diffusers", "fp32", 1), ("sdlab", "fp32", 1)]
     assert bench.image_runs(True, [1, 4])[2:] == [("sdlab", "bf16", 1), ("sdlab", "lean", 1), ("sdlab", "lcm", 1),
-                                                  ("sdlab", "lcm", 4)]
+                                                  ("sdlab", "lcm", 4), ("sdlab", "taesd", 1)]
 
 
 def test_gpu_check_names_the_missing_device(monkeypatch, capsys):

@@ -445,6 +445,58 @@ print(f"U-Net step: sdlab {step['sdlab']:.2f} s, diffusers {step['diffusers']:.2
 # images a minute at best in batches.
 
 # %% [markdown]
+# ## A tiny decoder
+#
+# With four steps the U-Net no longer dominates: in the run above the VAE decoder packed in bf16
+# took {glue:text}`bench_vae_bf16:.2f` s, {glue:text}`lcm_vae_share:.0%` of the
+# {glue:text}`bench_image_lcm:.1f` s of a four-step LCM image. Its arithmetic cannot be done much
+# faster; what can change is the decoder. Ollin Boer Bohan's TAESD was trained to map the same
+# latents to the same pixels with none of the VAE decoder's group norms or attention: 3×3
+# convolutions of $64$ channels, ReLUs, and a soft clamp on the latents. `sdlab.taesd` builds it in
+# the layer order of diffusers' `AutoencoderTiny` (equal to it in `tests/test_taesd.py`) and
+# `load_taesd` reads the files in use:
+#
+# ```{listing} sdlab.taesd.TAESD_Decoder
+# ```
+#
+# Counted as the U-Net was, and timed here on a 256×256 decode (random weights, packed):
+
+# %%
+from sdlab.decoder import VAE_Decoder
+from sdlab.taesd import TAESD_Decoder
+
+def decode_flops(make_decoder, side=64):  # one decode of side x side latents, on the meta device
+    with torch.device("meta"):
+        decoder = make_decoder()
+        with FlopCounterMode(display=False) as counter:
+            decoder(torch.randn(1, 4, side, side))
+    return counter.get_total_flops()
+
+vae_flops, taesd_flops = decode_flops(VAE_Decoder), decode_flops(TAESD_Decoder)
+print(f"512x512 decode: VAE decoder {vae_flops / 2e9:,.0f} GMAC, TAESD {taesd_flops / 2e9:,.0f} GMAC "
+      f"({vae_flops / taesd_flops:.1f}x less work)")
+glue("taesd_flop_ratio", vae_flops / taesd_flops)
+glue("lcm_vae_share", vae["sdlab bf16"] / image["sdlab lcm"]["seconds"])
+
+small_latents = torch.randn(1, 4, 32, 32)
+decoders = {"VAE decoder": VAE_Decoder().eval(), "TAESD": TAESD_Decoder().eval()}
+decode_s = {}
+with torch.no_grad(), packed_weights(*decoders.values(), batch=1):
+    for name, decoder in decoders.items():
+        decode_s[name] = best_time(lambda: decoder(small_latents), repeat=1)
+        print(f"{name:11s} 256x256 decode: {decode_s[name]:.2f} s")
+glue("taesd_speedup", decode_s["VAE decoder"] / decode_s["TAESD"])
+
+# %% [markdown]
+# TAESD does {glue:text}`taesd_flop_ratio:.1f`× less arithmetic and ran
+# {glue:text}`taesd_speedup:.0f`× faster here. The price is detail: its pictures are a little softer
+# than the VAE's, which is why it first became the live preview of other tools. For SD1.x take
+# `taesd_decoder.safetensors` from the taesd repository (SDXL, SD3 and FLUX have their own; sdlab
+# refuses one for $16$ latent channels by name) and pass
+# `models={**models, "decoder": load_taesd(path)}` to `generate`, or `--taesd FILE` on the command
+# line; `python -m sdlab bench` times the four-step image with it (its `sdlab taesd` row).
+
+# %% [markdown]
 # ## Low memory
 #
 # Three switches of `generate` bound the memory that grows with the image: `attention_slice_size`
