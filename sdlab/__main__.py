@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a LoRA file (kohya or diffusers format) merged in with SCALE (default 1); repeatable")
     gen.add_argument("--taesd", default=None, metavar="FILE",
                      help="decode with TAESD (taesd_decoder.safetensors/.pth or diffusers' AutoencoderTiny file): "
-                          "1/17 of the VAE's work, a little softer; needs --ckpt")
+                          "1/18 of the VAE's work, a little softer; needs --ckpt")
     gen.add_argument("--n", type=int, default=1, metavar="N",
                      help="generate N images in one batch (seeds SEED, SEED+1, ...): OUTPUT-1.png ... OUTPUT-N.png "
                           "and OUTPUT-grid.png instead of OUTPUT")

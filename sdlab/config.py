@@ -50,7 +50,7 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class TAESDConfig:
-    """The tiny autoencoder's decoder (TAESD, `sdlab.taesd`): the VAE's latent space, 1/17 of its work.
+    """The tiny autoencoder's decoder (TAESD, `sdlab.taesd`): the VAE's latent space, 1/18 of its work.
 
     `blocks[i]` residual blocks of `width` channels at each resolution, deepest first, with a 2x
     nearest-neighbour up-sampling between two resolutions: 8x in all for four of them.

@@ -363,7 +363,7 @@ def generate(
     - `cfg_scale=1` (or `do_cfg=False`) skips the unconditional pass: one U-Net batch of N, not 2N
       (the guidance formula at $s = 1$ is the conditional prediction). LCM: `sampler_name="lcm"`,
       4 steps, `cfg_scale=1`, with an LCM-LoRA loaded (`sdlab.lora.load_lora`); with TAESD
-      (`models={**models, "decoder": sdlab.taesd.load_taesd(path)}`) its decode is 17x less work.
+      (`models={**models, "decoder": sdlab.taesd.load_taesd(path)}`) its decode is 18x less work.
     - `callback(step, timestep, latents, noise_pred)`: called after every step.
     - `mask_image` (white = repaint) with `input_image`: inpainting. An inpainting checkpoint's
       9-channel U-Net sees the mask and the masked image; with any other the kept region is put

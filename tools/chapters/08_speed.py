@@ -447,7 +447,7 @@ print(f"U-Net step: sdlab {step['sdlab']:.2f} s, diffusers {step['diffusers']:.2
 # %% [markdown]
 # ## A tiny decoder
 #
-# With four steps the U-Net no longer dominates: in the run above the VAE decoder packed in bf16
+# With four steps the decode becomes a large share: in the run above the VAE decoder packed in bf16
 # took {glue:text}`bench_vae_bf16:.2f` s, {glue:text}`lcm_vae_share:.0%` of the
 # {glue:text}`bench_image_lcm:.1f` s of a four-step LCM image. Its arithmetic cannot be done much
 # faster; what can change is the decoder. Ollin Boer Bohan's TAESD was trained to map the same
