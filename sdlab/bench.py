@@ -29,7 +29,8 @@ runs (`--repeat` times each, best kept) so that a busy machine affects both alik
 Whole images (DPM++ 2M, 20 steps, CFG 7.5, 512x512; `--quick`: 4 steps, 256x256) run in a fresh
 subprocess each, so that each peak RSS (loading, then generating) is its own: diffusers, sdlab
 fp32, and where the CPU has bf16 sdlab bf16, lean (`VARIANTS`), 4-step LCM at `--batches`
-images per call (images per minute), and 4-step LCM decoded by TAESD.
+images per call (images per minute), and 4-step LCM decoded by TAESD; elsewhere (or with
+`--no-bf16`) the two 4-step runs in float32.
 """
 
 from __future__ import annotations
@@ -276,6 +277,8 @@ VARIANTS = {
     "lean": "weights stored in bf16 (loaded with dtype=torch.bfloat16), low_memory=True",
     "lcm": "sampler_name='lcm', 4 steps, cfg_scale=1, weights stored in bf16 (a fused LCM-LoRA adds no time)",
     "taesd": "the lcm run decoded by TAESD (sdlab.taesd; random weights seeded 0, bf16)",
+    "lcm_fp32": "the lcm run in packed float32, on CPUs without bf16",
+    "taesd_fp32": "the taesd run in packed float32, on CPUs without bf16",
 }
 
 
@@ -286,13 +289,13 @@ def image_child(impl: str, ckpt: str, steps: int, size: int, variant: str = "fp3
     if impl == "sdlab":
         from . import model_loader, pipeline
 
-        models = model_loader.preload_models_from_standard_weights(
-            ckpt, "cpu", dtype=torch.bfloat16 if variant in ("lean", "lcm", "taesd") else None)
-        if variant == "taesd":
+        stored = torch.bfloat16 if variant in ("lean", "lcm", "taesd") else None  # None: the file's (fp32 on the CPU)
+        models = model_loader.preload_models_from_standard_weights(ckpt, "cpu", dtype=stored)
+        if variant.startswith("taesd"):
             from .taesd import TAESD_Decoder
 
             torch.manual_seed(0)
-            models["decoder"] = TAESD_Decoder().to(torch.bfloat16).eval().requires_grad_(False)
+            models["decoder"] = TAESD_Decoder().to(stored or torch.float32).eval().requires_grad_(False)
     else:
         models = reference_models(ckpt)
         pipe = reference_pipeline(models, diffusers_scheduler("dpmpp_2m"))
@@ -301,7 +304,7 @@ def image_child(impl: str, ckpt: str, steps: int, size: int, variant: str = "fp3
     latents = torch.randn(n, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     if impl == "sdlab":
-        lcm = variant in ("lcm", "taesd")
+        lcm = variant.startswith(("lcm", "taesd"))
         images = pipeline.generate(PROMPT, sampler_name="lcm" if lcm else "dpmpp_2m", n_inference_steps=4 if lcm else steps,
                                    cfg_scale=1.0 if lcm else 7.5, models=models, seed=0, height=size, width=size,
                                    latents=latents, progress=False, num_images=n, low_memory=variant == "lean",
@@ -322,19 +325,20 @@ def image_child(impl: str, ckpt: str, steps: int, size: int, variant: str = "fp3
 def run_child(impl: str, ckpt: str, steps: int, size: int, variant: str = "fp32", n: int = 1) -> dict:
     command = [sys.executable, "-m", "sdlab", "bench", "--ckpt", ckpt, "--_child", impl,
                "--steps", str(steps), "--size", str(size), "--variant", variant, "--n", str(n)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, check=False, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"the {impl} {variant} image run failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def image_runs(bf16: bool, batches: list[int]) -> list[tuple[str, str, int]]:
-    """(library, variant, images) of each whole-image run: bf16 variants only where the CPU has bf16."""
+    """(library, variant, images) of each whole-image run: bf16 variants where the CPU has bf16, else the
+    4-step LCM runs in float32."""
     runs = [("diffusers", "fp32", 1), ("sdlab", "fp32", 1)]
     if bf16:
         runs += [("sdlab", "bf16", 1), ("sdlab", "lean", 1)] + [("sdlab", "lcm", n) for n in batches]
-        runs.append(("sdlab", "taesd", 1))
-    return runs
+        return runs + [("sdlab", "taesd", 1)]
+    return runs + [("sdlab", "lcm_fp32", 1), ("sdlab", "taesd_fp32", 1)]
 
 
 # --- the command ---------------------------------------------------------------------------------

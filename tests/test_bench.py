@@ -49,8 +49,9 @@ def test_peers_without_openvino_give_a_message_and_no_rows(monkeypatch, capsys):
     assert "OpenVINO is not installed (pip install openvino)" in capsys.readouterr().out
 
 
-def test_image_runs_add_bf16_lean_lcm_batches_and_taesd_only_with_bf16():
-    assert bench.image_runs(False, [1, 2]) == [("diffusers", "fp32", 1), ("sdlab", "fp32", 1)]
+def test_image_runs_add_bf16_lean_lcm_batches_and_taesd_with_bf16_else_lcm_in_fp32():
+    assert bench.image_runs(False, [1, 2]) == [("diffusers", "fp32", 1), ("sdlab", "fp32", 1), ("sdlab", "lcm_fp32", 1),
+                                               ("sdlab", "taesd_fp32", 1)]
     assert bench.image_runs(True, [1, 4])[2:] == [("sdlab", "bf16", 1), ("sdlab", "lean", 1), ("sdlab", "lcm", 1),
                                                   ("sdlab", "lcm", 4), ("sdlab", "taesd", 1)]
 
@@ -76,6 +77,10 @@ def test_whole_image_runs_one_subprocess_per_library(sd15_file, tmp_path):
     # The same latents, prompt and sampler: the same picture, to a fraction of a grey level on average.
     assert ours["image_mean"] == pytest.approx(theirs["image_mean"], abs=0.05)
     assert ours["image_std"] == pytest.approx(theirs["image_std"], abs=0.05)
+    # without bf16 the 4-step LCM runs are timed in float32, with the VAE and with TAESD (another picture)
+    assert [r["impl"] for r in results["image"]] == ["diffusers", "sdlab", "sdlab lcm_fp32", "sdlab taesd_fp32"]
+    lcm, taesd = results["image"][2:]
+    assert lcm["seconds"] > 0 and taesd["seconds"] > 0 and lcm["image_mean"] != taesd["image_mean"]
 
 
 def test_bench_refuses_a_missing_checkpoint(tmp_path):
